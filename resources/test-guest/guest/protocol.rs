@@ -1,0 +1,68 @@
+//! Constants shared by the test guest and the host side (VMM tests): device addresses, signal event codes,
+//! failure codes and the int3 service ABI. Pure data, compiled into both the guest and the `test-guest` crate.
+//! PROTOCOL.md explains each one.
+
+/// Guest-signal device (MMIO) base address.
+pub const SIGNAL_BASE: u64 = 0xfe00_0000;
+/// Register offsets of the guest-signal device.
+pub const SIGNAL_REG_MAGIC: u64 = 0x00;
+pub const SIGNAL_REG_VERSION: u64 = 0x04;
+pub const SIGNAL_REG_ARG: u64 = 0x08;
+pub const SIGNAL_REG_EVENT: u64 = 0x10;
+pub const SIGNAL_REG_CLOCK_NS: u64 = 0x18;
+/// "TRSG" read as a little-endian u32.
+pub const SIGNAL_MAGIC: u32 = 0x4753_5254;
+pub const SIGNAL_VERSION: u32 = 1;
+
+/// First event at CPL3, argument 0.
+pub const SIGNAL_BOOT_COMPLETE: u32 = 1;
+/// Console up, command line parsed, workload chosen; argument = workload id.
+pub const SIGNAL_READY: u32 = 2;
+/// The workload starts; argument = workload id.
+pub const SIGNAL_WORKLOAD_START: u32 = 3;
+/// The workload succeeded; argument = its result (see PROTOCOL.md: boot -> cpus, touch -> checksum).
+pub const SIGNAL_WORKLOAD_DONE: u32 = 4;
+/// Something failed; argument = one of the `FAIL_*` codes.
+pub const SIGNAL_FAILURE: u32 = 5;
+/// First custom event code; workloads number theirs from here.
+pub const SIGNAL_CUSTOM_BASE: u32 = 0x100;
+/// `touch`: guest-physical base address of the region it is about to write.
+pub const SIGNAL_TOUCH_REGION: u32 = 0x100;
+
+/// Workload ids (the argument of READY / WORKLOAD_START).
+pub const WORKLOAD_ID_BOOT: u64 = 1;
+pub const WORKLOAD_ID_TOUCH: u64 = 2;
+
+/// FAILURE arguments.
+pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;
+pub const FAIL_BAD_PARAMETER: u64 = 2;
+pub const FAIL_BOOT_PARAMS: u64 = 3;
+pub const FAIL_ACPI: u64 = 4;
+pub const FAIL_NO_MEMORY: u64 = 5;
+pub const FAIL_MISMATCH: u64 = 6;
+pub const FAIL_PANIC: u64 = 7;
+/// A CPU exception: FAIL_EXCEPTION_BASE + vector.
+pub const FAIL_EXCEPTION_BASE: u64 = 0x100;
+
+/// 16550 MMIO alias the VMM provides (1-byte registers).
+pub const SERIAL_MMIO_BASE: u64 = 0xfe00_1000;
+/// Legacy COM1, reached through the int3 service.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// i8042 command port: 0xfe there resets the machine (the power-off fallback).
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+pub const I8042_CMD_RESET: u8 = 0xfe;
+/// Written to the FADT sleep control register: SLP_TYP = 5 (S5) in bits 2-4, SLP_EN in bit 5.
+pub const S5_SLP_TYP: u8 = 5;
+pub const SLEEP_CONTROL_S5: u8 = (S5_SLP_TYP << 2) | (1 << 5);
+
+/// Guest load address and the identity map the guest installs.
+pub const GUEST_LOAD_ADDR: u64 = 0x10_0000;
+pub const GUEST_IDENTITY_MAP_END: u64 = 0x1_0000_0000;
+
+/// int3 service calls (function number in rax).
+pub const SERVICE_OUTB: u64 = 1;
+pub const SERVICE_INB: u64 = 2;
+pub const SERVICE_OUTW: u64 = 3;
+pub const SERVICE_INW: u64 = 4;
+pub const SERVICE_OUTL: u64 = 5;
+pub const SERVICE_INL: u64 = 6;

@@ -1,0 +1,44 @@
+//! The guest-signal device (MMIO at 0xfe000000): events for the host and the host's monotonic clock.
+//! If the magic is not there, every call is a no-op (and the clock reads as absent).
+
+use crate::global::Global;
+use crate::protocol::*;
+
+static PRESENT: Global<bool> = Global::new(false);
+
+fn reg<T>(offset: u64) -> *mut T {
+    (SIGNAL_BASE + offset) as *mut T
+}
+
+/// Probes the device; returns its version if present.
+pub fn init() -> Option<u32> {
+    // SAFETY: the identity map covers the MMIO hole; a read of an absent device is harmless.
+    let magic = unsafe { reg::<u32>(SIGNAL_REG_MAGIC).read_volatile() };
+    if magic != SIGNAL_MAGIC {
+        return None;
+    }
+    PRESENT.set(true);
+    // SAFETY: as above.
+    Some(unsafe { reg::<u32>(SIGNAL_REG_VERSION).read_volatile() })
+}
+
+/// Sends `code` with `arg` (argument first: the event write is what the host acts on).
+pub fn send(code: u32, arg: u64) {
+    if !PRESENT.get() {
+        return;
+    }
+    // SAFETY: device registers, present.
+    unsafe {
+        reg::<u64>(SIGNAL_REG_ARG).write_volatile(arg);
+        reg::<u32>(SIGNAL_REG_EVENT).write_volatile(code);
+    }
+}
+
+/// Host CLOCK_MONOTONIC in ns, if the device is there.
+pub fn now_ns() -> Option<u64> {
+    if !PRESENT.get() {
+        return None;
+    }
+    // SAFETY: device register, present.
+    Some(unsafe { reg::<u64>(SIGNAL_REG_CLOCK_NS).read_volatile() })
+}

@@ -1,0 +1,46 @@
+//! Workloads: what the guest does after setup, chosen by the first bare word of the command line.
+//!
+//! To add one: write `workloads/<name>.rs` with a `run(&Context, Tokens) -> Result<u64, u64>` (Ok = the
+//! WORKLOAD_DONE argument, Err = a FAIL_* code, after printing why), give it an id in protocol.rs and an
+//! entry in `WORKLOADS` listing the parameters it accepts. See PROTOCOL.md.
+
+mod boot;
+mod touch;
+
+use crate::bootinfo::BootInfo;
+use crate::cmdline::Tokens;
+use crate::e820;
+
+/// What every workload gets.
+pub struct Context<'a> {
+    pub info: BootInfo,
+    pub cmdline: &'a str,
+    pub e820: &'a e820::Map,
+}
+
+pub struct Workload {
+    pub name: &'static str,
+    pub id: u64,
+    /// Keys accepted as `key=value` after the name; anything else fails before the workload starts.
+    pub params: &'static [&'static str],
+    pub run: fn(&Context<'_>, Tokens<'_>) -> Result<u64, u64>,
+}
+
+pub static WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "boot",
+        id: crate::protocol::WORKLOAD_ID_BOOT,
+        params: &[],
+        run: boot::run,
+    },
+    Workload {
+        name: "touch",
+        id: crate::protocol::WORKLOAD_ID_TOUCH,
+        params: &["mib", "seed"],
+        run: touch::run,
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Workload> {
+    WORKLOADS.iter().find(|w| w.name == name)
+}

@@ -1,0 +1,1 @@
+//! Boots the bundled test guest under `trenv`.

@@ -1,0 +1,195 @@
+//! The `trenv` command line: Cloud Hypervisor's flags, parsed into a `VmConfig`, and the process's main
+//! function. It lives in the library so that the benchmark can run the very same VMM entry point.
+//!
+//! `trenv --kernel K --cmdline C --cpus boot=N --memory size=S --serial tty` boots K and exits 0 when the
+//! guest powers off or resets; any failure exits non-zero with one line saying why.
+//! `trenv demo` boots the bundled test guest and reports its boot time.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, ConsoleConfig, ConsoleMode, VmConfig};
+use crate::{error_chain, event_monitor, logger, runner};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "trenv",
+    version,
+    about = "TrEnv: a template-aware VMM for serverless and agent sandboxes"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Kernel to boot: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING")]
+    cmdline: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// boot=N[,max=M][,topology=T:C:D:P]
+    #[arg(long, value_name = "OPTIONS", default_value = "boot=1")]
+    cpus: String,
+    /// size=S[,thp=on|off][,prefault=on|off]
+    #[arg(long, value_name = "OPTIONS", default_value = "size=512M")]
+    memory: String,
+    /// off | null | tty | file=PATH
+    #[arg(long, value_name = "MODE", default_value = "null")]
+    serial: String,
+    /// off (the virtio console arrives with the virtio devices)
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    console: String,
+    /// Write lifecycle events as JSON lines: path=FILE or fd=N.
+    #[arg(long, value_name = "TARGET")]
+    event_monitor: Option<String>,
+    /// Log to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// More logging: -v info, -vv debug, -vvv trace.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot the bundled test guest and show its output and boot time.
+    Demo {
+        /// Guest memory size.
+        #[arg(long, default_value = "256M")]
+        memory: String,
+    },
+}
+
+fn config_from_cli(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
+    let serial = config::parse_console("--serial", &cli.serial)?;
+    let console = config::parse_console("--console", &cli.console)?;
+    if console.mode != ConsoleMode::Off {
+        return Err(config::ConfigError::Invalid {
+            option: "--console",
+            value: cli.console.clone(),
+            reason: "the virtio console is not available yet; only off is accepted".into(),
+        });
+    }
+    let config = VmConfig {
+        payload: config::PayloadConfig {
+            kernel: cli.kernel.clone(),
+            cmdline: cli.cmdline.clone(),
+            initramfs: cli.initramfs.clone(),
+            firmware: None,
+        },
+        cpus: config::parse_cpus(&cli.cpus)?,
+        memory: config::parse_memory(&cli.memory)?,
+        serial,
+        console,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
+    logger::init(cli.verbose, cli.log_file.as_deref())
+        .map_err(|e| format!("cannot open log file: {e}"))?;
+    if let Some(target) = &cli.event_monitor {
+        let target = event_monitor::parse(target).map_err(|e| e.to_string())?;
+        event_monitor::open(target).map_err(|e| format!("cannot open the event monitor: {e}"))?;
+    }
+    if let Some(Command::Demo { memory }) = &cli.command {
+        return demo(memory, start_ns);
+    }
+    let config = config_from_cli(&cli).map_err(|e| e.to_string())?;
+    let report = runner::run_vm(&config, start_ns).map_err(|e| error_chain(&e))?;
+    log::info!(
+        "guest {:?} after {:.3} ms (boot complete at {})",
+        report.exit,
+        report.total.as_secs_f64() * 1e3,
+        report
+            .boot_complete
+            .map(|d| format!("{:.3} ms", d.as_secs_f64() * 1e3))
+            .unwrap_or_else(|| "-".into())
+    );
+    Ok(())
+}
+
+fn demo(memory: &str, start_ns: u64) -> Result<(), String> {
+    let image =
+        crate::test_guest_image().map_err(|e| format!("cannot stage the test guest: {e}"))?;
+    let base = |cmdline: &str| -> Result<VmConfig, String> {
+        let config = VmConfig {
+            payload: config::PayloadConfig {
+                kernel: Some(image.clone()),
+                cmdline: Some(cmdline.to_string()),
+                ..Default::default()
+            },
+            memory: config::parse_memory(&format!("size={memory}")).map_err(|e| e.to_string())?,
+            serial: ConsoleConfig::with_mode(ConsoleMode::Tty),
+            ..Default::default()
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    };
+    println!("== trenv demo: booting the bundled test guest ({memory} RAM, 1 vCPU)");
+    let report = runner::run_vm(
+        &base(&format!("{} boot", crate::TEST_GUEST_CONSOLE))?,
+        start_ns,
+    )
+    .map_err(|e| error_chain(&e))?;
+    let boot_ms = report.boot_complete.map(|d| d.as_secs_f64() * 1e3);
+    println!(
+        "== guest {:?}: boot-complete signal {} after VMM start, powered off after {:.2} ms",
+        report.exit,
+        boot_ms
+            .map(|ms| format!("{ms:.2} ms"))
+            .unwrap_or_else(|| "never seen".into()),
+        report.total.as_secs_f64() * 1e3
+    );
+    println!("== touching 64 MiB in the guest at native speed (CPL3)");
+    let t0 = event_monitor::monotonic_ns();
+    let report = runner::run_vm(
+        &base(&format!(
+            "{} touch mib=64 seed=7",
+            crate::TEST_GUEST_CONSOLE
+        ))?,
+        t0,
+    )
+    .map_err(|e| error_chain(&e))?;
+    println!(
+        "== guest {:?} after {:.2} ms",
+        report.exit,
+        report.total.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// The VMM process's main function; `args` includes the program name.
+pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let start_ns = event_monitor::monotonic_ns();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not failures; a real parse error is reported on one line.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "trenv: error: {} (see trenv --help)",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cli, start_ns) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("trenv: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Creates the platform devices of a VM and places them on the port-I/O and MMIO buses at the addresses of
+//! `arch::layout`: the emulated IOAPIC (split irqchip), the 16550 UART (ttyS0, on port 0x3f8 and its MMIO
+//! alias), the i8042 (reset), the ACPI sleep registers (power-off) and the guest-signal device.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::sync::{Arc, Mutex};
+
+use devices::acpi_pm::AcpiPmDevice;
+use devices::exit::ExitNotifier;
+use devices::guest_signal::{event_name, GuestEvent, GuestSignalDevice};
+use devices::ioapic::{Ioapic, IrqLine, KvmMsiSender};
+use devices::legacy::i8042::I8042Device;
+use devices::legacy::serial::SerialDevice;
+use devices::{Bus, BusError};
+use kvm_ioctls::VmFd;
+
+use crate::arch::layout;
+use crate::config::{ConsoleConfig, ConsoleMode};
+use crate::event_monitor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] BusError),
+    #[error("cannot open serial output file {path}")]
+    SerialFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serial mode {0:?} is not supported yet (use off, null, tty or file=PATH)")]
+    UnsupportedSerialMode(ConsoleMode),
+    #[error("cannot create the exit event")]
+    ExitEvent(#[source] std::io::Error),
+}
+
+pub struct DeviceManager {
+    pub pio_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub ioapic: Arc<Mutex<Ioapic>>,
+    /// None when the serial console is `off`.
+    pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    pub exit: ExitNotifier,
+    /// Guest milestones in arrival order, for the VMM's own reporting (boot time, ready).
+    pub guest_events: Arc<Mutex<Vec<GuestEvent>>>,
+}
+
+fn serial_output(config: &ConsoleConfig) -> Result<Option<Box<dyn Write + Send>>, DeviceError> {
+    Ok(match config.mode {
+        ConsoleMode::Off => None,
+        ConsoleMode::Null => Some(Box::new(std::io::sink())),
+        ConsoleMode::Tty => Some(Box::new(std::io::stdout())),
+        ConsoleMode::File => {
+            let path = config.file.as_ref().expect("file mode always has a path");
+            let file = File::create(path).map_err(|source| DeviceError::SerialFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Some(Box::new(LineWriter::new(file)))
+        }
+        mode => return Err(DeviceError::UnsupportedSerialMode(mode)),
+    })
+}
+
+impl DeviceManager {
+    pub fn new(vm: Arc<VmFd>, serial_config: &ConsoleConfig) -> Result<Self, DeviceError> {
+        let exit = ExitNotifier::new().map_err(DeviceError::ExitEvent)?;
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(KvmMsiSender(vm)))));
+        mmio.insert(ioapic.clone(), layout::IOAPIC_START, layout::IOAPIC_SIZE)?;
+
+        let serial = match serial_output(serial_config)? {
+            Some(out) => {
+                let irq = IrqLine::new(ioapic.clone(), layout::SERIAL_IRQ);
+                let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out)));
+                pio.insert(
+                    serial.clone(),
+                    layout::SERIAL_PORT,
+                    layout::SERIAL_PORT_SIZE,
+                )?;
+                mmio.insert(
+                    serial.clone(),
+                    layout::SERIAL_MMIO_START,
+                    layout::SERIAL_MMIO_SIZE,
+                )?;
+                Some(serial)
+            }
+            None => None,
+        };
+
+        let i8042 = Arc::new(Mutex::new(I8042Device::new(exit.clone())));
+        pio.insert(i8042, layout::I8042_PORT, layout::I8042_PORT_SIZE)?;
+        let acpi_pm = Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone())));
+        pio.insert(
+            acpi_pm,
+            layout::ACPI_SLEEP_CONTROL_PORT,
+            layout::ACPI_PM_PORT_SIZE,
+        )?;
+
+        let guest_events = Arc::new(Mutex::new(Vec::new()));
+        let recorded = guest_events.clone();
+        let signal = GuestSignalDevice::new(Box::new(move |event: GuestEvent| {
+            let name = event_name(event.code);
+            log::info!("guest-signal: {name} (arg {:#x})", event.arg);
+            event_monitor::emit_at(
+                event.monotonic_ns,
+                "guest",
+                &name,
+                &[("arg", event.arg.to_string())],
+            );
+            if let Ok(mut events) = recorded.lock() {
+                // Bounded: a guest looping on the signal register must not grow VMM memory without limit.
+                if events.len() < 4096 {
+                    events.push(event);
+                }
+            }
+        }));
+        mmio.insert(
+            Arc::new(Mutex::new(signal)),
+            layout::GUEST_SIGNAL_START,
+            layout::GUEST_SIGNAL_SIZE,
+        )?;
+
+        Ok(DeviceManager {
+            pio_bus: Arc::new(pio),
+            mmio_bus: Arc::new(mmio),
+            ioapic,
+            serial,
+            exit,
+            guest_events,
+        })
+    }
+}

@@ -1,0 +1,229 @@
+//! vCPU threads: each runs KVM_RUN in a loop and dispatches port I/O and MMIO exits to the buses.
+//!
+//! Stopping: the VMM sets the shared stop flag and sends `VCPU_KICK_SIGNAL` to the thread, which makes a
+//! blocked KVM_RUN return EINTR (an AP parked waiting for INIT/SIPI sits in KVM_RUN indefinitely).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use devices::exit::ExitNotifier;
+use devices::ioapic::Ioapic;
+use devices::Bus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+/// Real-time signal used to interrupt KVM_RUN.
+pub fn vcpu_kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process; without a handler the signal would kill us.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(vcpu_kick_signal(), noop_signal_handler)
+}
+
+/// What every vCPU thread shares with the VMM.
+#[derive(Clone)]
+pub struct VcpuShared {
+    pub pio_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub ioapic: Arc<Mutex<Ioapic>>,
+    pub exit: ExitNotifier,
+    pub stop: Arc<AtomicBool>,
+    /// The first fatal vCPU error, reported to the VMM's main thread through the exit eventfd.
+    pub failure: Arc<Mutex<Option<String>>>,
+}
+
+impl VcpuShared {
+    fn fail(&self, message: String) {
+        log::error!("{message}");
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert(message);
+        }
+        // Wake the main thread; the failure slot says why.
+        let _ = self.exit.eventfd().write(1);
+    }
+}
+
+/// Limits logs a guest can trigger (unknown ports/addresses) to a few lines per vCPU.
+struct RateLimitedLog {
+    remaining: u32,
+}
+
+impl RateLimitedLog {
+    fn warn(&mut self, message: impl FnOnce() -> String) {
+        if self.remaining > 0 {
+            self.remaining -= 1;
+            log::warn!(
+                "{}{}",
+                message(),
+                if self.remaining == 0 {
+                    " (further such messages suppressed)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+}
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn spawn(self, shared: VcpuShared) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run(shared))
+    }
+
+    fn run(mut self, shared: VcpuShared) {
+        let mut unknown_access = RateLimitedLog { remaining: 16 };
+        while !shared.stop.load(Ordering::Acquire) {
+            let io_pending = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    Some((false, port as u64, data.as_ptr() as *mut u8, data.len()))
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    Some((true, port as u64, data.as_mut_ptr(), data.len()))
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if shared.mmio_bus.read(addr, data).is_err() {
+                        data.fill(0xff);
+                        unknown_access
+                            .warn(|| format!("vcpu{}: read of unmapped MMIO {addr:#x}", self.id));
+                    }
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if shared.mmio_bus.write(addr, data).is_err() {
+                        unknown_access
+                            .warn(|| format!("vcpu{}: write to unmapped MMIO {addr:#x}", self.id));
+                    }
+                    None
+                }
+                Ok(VcpuExit::IoapicEoi(vector)) => {
+                    shared
+                        .ioapic
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .end_of_interrupt(vector);
+                    None
+                }
+                Ok(VcpuExit::Hlt) => {
+                    // With the LAPIC in KVM a halt is handled in the kernel; seeing it means no irqchip.
+                    shared.fail(format!("vcpu{}: unexpected HLT exit", self.id));
+                    return;
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    shared.fail(format!(
+                        "vcpu{}: the guest triple-faulted (KVM_EXIT_SHUTDOWN)",
+                        self.id
+                    ));
+                    return;
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    let reason = match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => devices::exit::ExitReason::Reset,
+                        _ => devices::exit::ExitReason::PowerOff,
+                    };
+                    shared.exit.notify(reason);
+                    return;
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    shared.fail(format!(
+                        "vcpu{}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})",
+                        self.id
+                    ));
+                    return;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    let detail = self.internal_error_detail();
+                    shared.fail(format!(
+                        "vcpu{}: KVM internal error (emulation failure?){detail}",
+                        self.id
+                    ));
+                    return;
+                }
+                Ok(VcpuExit::Intr) => None,
+                Ok(other) => {
+                    shared.fail(format!("vcpu{}: unhandled exit {other:?}", self.id));
+                    return;
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked: the loop condition decides whether to go back in.
+                    None
+                }
+                Err(e) => {
+                    shared.fail(format!("vcpu{}: KVM_RUN failed: {e}", self.id));
+                    return;
+                }
+            };
+            if let Some((is_in, port, ptr, len)) = io_pending {
+                self.port_io(&shared, &mut unknown_access, is_in, port, ptr, len);
+            }
+        }
+    }
+
+    /// Handles an I/O exit element by element: `rep ins/outs` delivers `count` elements of `size` bytes.
+    fn port_io(
+        &mut self,
+        shared: &VcpuShared,
+        unknown_access: &mut RateLimitedLog,
+        is_in: bool,
+        port: u64,
+        ptr: *mut u8,
+        len: usize,
+    ) {
+        // SAFETY: the kvm_run page is mapped for the life of the vCPU fd and KVM_EXIT_IO is the exit reason.
+        let size = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.io.size } as usize;
+        // SAFETY: `ptr`/`len` describe the data area inside the same kvm_run mapping; nothing else aliases
+        // it while this thread handles the exit.
+        let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        for element in data.chunks_mut(size.max(1)) {
+            let result = if is_in {
+                shared.pio_bus.read(port, element)
+            } else {
+                shared.pio_bus.write(port, element)
+            };
+            if result.is_err() {
+                if is_in {
+                    element.fill(0xff);
+                }
+                let id = self.id;
+                unknown_access.warn(|| {
+                    format!(
+                        "vcpu{id}: {} unmapped port {port:#x}",
+                        if is_in { "read from" } else { "write to" }
+                    )
+                });
+            }
+        }
+    }
+
+    fn internal_error_detail(&mut self) -> String {
+        // SAFETY: KVM_EXIT_INTERNAL_ERROR is the exit reason, so the `internal` union member is valid.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let regs = self
+            .fd
+            .get_regs()
+            .map(|r| format!(" at rip {:#x}", r.rip))
+            .unwrap_or_default();
+        format!(
+            ": suberror {}{regs}, data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        )
+    }
+}
+
+/// Interrupts a vCPU thread's KVM_RUN.
+pub fn kick(handle: &JoinHandle<()>) {
+    let _ = handle.kill(vcpu_kick_signal());
+}
