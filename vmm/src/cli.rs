@@ -173,7 +173,11 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
         Err(e) => {
             // --help and --version are not failures; a real parse error is reported on one line.
             if !e.use_stderr() {
-                let _ = e.print();
+                let text = e.render().to_string();
+                print!("{text}");
+                if !text.ends_with('\n') {
+                    println!();
+                }
                 return ExitCode::SUCCESS;
             }
             let rendered = e.render().to_string();

@@ -27,6 +27,21 @@ pub struct RunReport {
 /// (the process start for `trenv`).
 pub fn run_vm(config: &VmConfig, start_ns: u64) -> Result<RunReport, VmError> {
     config.validate()?;
+    // A run that fails must not leave behind an output file it created.
+    let serial_file = (config.serial.mode == ConsoleMode::File)
+        .then(|| config.serial.file.clone())
+        .flatten()
+        .filter(|path| !path.exists());
+    let result = boot_and_wait(config, start_ns);
+    if result.is_err() {
+        if let Some(path) = serial_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
+}
+
+fn boot_and_wait(config: &VmConfig, start_ns: u64) -> Result<RunReport, VmError> {
     let kvm = vm::open_kvm()?;
     let mut vm = Vm::create(kvm, config)?;
     vm.configure_for_boot()?;

@@ -28,6 +28,8 @@ pub enum VmError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("/dev/kvm is not a KVM device (KVM_GET_API_VERSION failed)")]
+    NotKvm,
     #[error("KVM API version {0} is not supported (need 12)")]
     KvmApiVersion(i32),
     #[error("KVM_CREATE_VM failed")]
@@ -86,6 +88,9 @@ pub type Result<T> = std::result::Result<T, VmError>;
 pub fn open_kvm() -> Result<Kvm> {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(VmError::NotKvm);
+    }
     if version != 12 {
         return Err(VmError::KvmApiVersion(version));
     }

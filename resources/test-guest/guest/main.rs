@@ -75,6 +75,7 @@ fn run(boot_params: u64, signal_version: Option<u32>) -> Result<u64, u64> {
         ),
     };
 
+    power::RESET_INSTEAD.set(cmdline::kernel_param(cmdline, "trenv.exit") == Some("reset"));
     let earlycon = cmdline::kernel_param(cmdline, "earlycon");
     let wanted = match earlycon.and_then(cmdline::parse_earlycon) {
         Some(cmdline::Earlycon::Mmio { addr, stride }) => Uart::Mmio { base: addr, stride },

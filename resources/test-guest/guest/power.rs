@@ -11,6 +11,10 @@ use crate::serial::println;
 /// boot_params.acpi_rsdp_addr, saved at start so power-off works from any path (including faults).
 pub static RSDP_HINT: Global<u64> = Global::new(0);
 
+/// `trenv.exit=reset` on the command line: end with an i8042 reset instead of S5, so that the VMM's reset
+/// path is exercised too.
+pub static RESET_INSTEAD: Global<bool> = Global::new(false);
+
 fn acpi_s5() -> Result<bool, acpi::AcpiError> {
     let mem = &Identity;
     let rsdp = acpi::find_rsdp(mem, RSDP_HINT.get())?;
@@ -35,6 +39,9 @@ fn acpi_s5() -> Result<bool, acpi::AcpiError> {
 }
 
 pub fn power_off() -> ! {
+    if RESET_INSTEAD.get() {
+        boot::outb(I8042_COMMAND_PORT, I8042_CMD_RESET);
+    }
     match acpi_s5() {
         Ok(true) => {
             // The VMM may act on the write asynchronously: give it time before falling back.

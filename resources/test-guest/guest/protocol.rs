@@ -32,6 +32,7 @@ pub const SIGNAL_TOUCH_REGION: u32 = 0x100;
 /// Workload ids (the argument of READY / WORKLOAD_START).
 pub const WORKLOAD_ID_BOOT: u64 = 1;
 pub const WORKLOAD_ID_TOUCH: u64 = 2;
+pub const WORKLOAD_ID_FAULT: u64 = 3;
 
 /// FAILURE arguments.
 pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;

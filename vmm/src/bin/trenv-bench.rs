@@ -10,6 +10,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use devices::guest_signal::{event, event_name};
 use vmm::event_monitor::monotonic_ns;
 
 const VMM_MODE: &str = "__vmm";
@@ -97,7 +98,7 @@ fn boot_once(
         return Err(format!("VMM run {run} failed: {status}"));
     }
     let events = std::fs::read_to_string(&events_path).map_err(|e| format!("no event log: {e}"))?;
-    let (boot_ns, _) = find_event(&events, "guest", "boot-complete")
+    let (boot_ns, _) = find_event(&events, "guest", &event_name(event::BOOT_COMPLETE))
         .ok_or_else(|| format!("run {run}: the guest never signalled boot-complete"))?;
     let (_, props) = find_event(&events, "vm", "shutdown").ok_or("no shutdown event")?;
     let hwm_kib = props["vmm_hwm_kib"]

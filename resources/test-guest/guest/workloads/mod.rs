@@ -5,6 +5,7 @@
 //! entry in `WORKLOADS` listing the parameters it accepts. See PROTOCOL.md.
 
 mod boot;
+mod fault;
 mod touch;
 
 use crate::bootinfo::BootInfo;
@@ -38,6 +39,12 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_TOUCH,
         params: &["mib", "seed"],
         run: touch::run,
+    },
+    Workload {
+        name: "fault",
+        id: crate::protocol::WORKLOAD_ID_FAULT,
+        params: &["kind"],
+        run: fault::run,
     },
 ];
 

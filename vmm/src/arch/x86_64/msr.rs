@@ -139,6 +139,10 @@ mod tests {
             }
             assert_eq!(read_msr(&vcpu, index), Some(value), "MSR {index:#x}");
         }
+        // Not in this host's index list, but KVM accepts it when set on its own.
+        if let Some(v) = read_msr(&vcpu, MSR_MTRR_DEF_TYPE) {
+            assert_eq!(v, MTRR_ENABLE | MTRR_MEM_TYPE_WB);
+        }
         // The registers survive the MSR writes (EFER is not among them).
         let sregs = vcpu.get_sregs().unwrap();
         assert_eq!(sregs.efer & (1 << 10), 1 << 10);
