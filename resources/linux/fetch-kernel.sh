@@ -11,7 +11,7 @@
 #
 # Cache: CACHE_DIR, else ${TRENV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/trenv}/linux.
 # TRENV_LINUX_PACKAGE overrides the kernel package (default: the newest
-# linux-image-<abi>-cloud-amd64-unsigned apt knows about).
+# linux-image-<abi>-cloud-amd64-unsigned apt knows about); a cache holding another package is refreshed.
 # A second run with everything cached prints the paths without touching the network.
 set -euo pipefail
 
@@ -29,7 +29,8 @@ for arg in "$@"; do
     case "$arg" in
     --with-busybox) with_busybox=1 ;;
     -h | --help)
-        sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+        # The comment block at the top of this file.
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
         exit 0
         ;;
     -*) die "unknown option '$arg' (usage: fetch-kernel.sh [--with-busybox] [CACHE_DIR])" ;;
@@ -62,7 +63,9 @@ is_elf() {
 }
 
 kernel_cached() {
-    [[ -s "$vmlinuz" && -s "$vmlinux" ]] && is_elf "$vmlinux"
+    [[ -s "$vmlinuz" && -s "$vmlinux" ]] && is_elf "$vmlinux" || return 1
+    # An explicitly requested package must be the one the cache holds.
+    [[ -z "${TRENV_LINUX_PACKAGE:-}" || "$(cat "$cache_dir/package" 2>/dev/null)" == "$TRENV_LINUX_PACKAGE" ]]
 }
 busybox_cached() {
     ((!with_busybox)) || { [[ -x "$busybox" ]] && is_elf "$busybox"; }

@@ -18,6 +18,7 @@ use kvm_ioctls::VmFd;
 use crate::arch::layout;
 use crate::config::{ConsoleConfig, ConsoleMode};
 use crate::event_monitor;
+use crate::serial_socket::SerialSocket;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -29,7 +30,17 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("serial mode {0:?} is not supported yet (use off, null, tty or file=PATH)")]
+    #[error("serial mode File needs a file path")]
+    MissingFilePath,
+    #[error("serial mode Socket needs a socket path")]
+    MissingSocketPath,
+    #[error("cannot listen on serial socket {path}")]
+    SerialSocket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serial mode {0:?} is not supported yet (use off, null, tty, file=PATH or socket=PATH)")]
     UnsupportedSerialMode(ConsoleMode),
     #[error("cannot create the exit event")]
     ExitEvent(#[source] std::io::Error),
@@ -46,18 +57,30 @@ pub struct DeviceManager {
     pub guest_events: Arc<Mutex<Vec<GuestEvent>>>,
 }
 
-fn serial_output(config: &ConsoleConfig) -> Result<Option<Box<dyn Write + Send>>, DeviceError> {
+/// The UART's output sink for `config`, and the console socket to serve once the UART exists.
+type SerialOutput = (Box<dyn Write + Send>, Option<SerialSocket>);
+
+fn serial_output(config: &ConsoleConfig) -> Result<Option<SerialOutput>, DeviceError> {
+    let plain = |out: Box<dyn Write + Send>| Some((out, None));
     Ok(match config.mode {
         ConsoleMode::Off => None,
-        ConsoleMode::Null => Some(Box::new(std::io::sink())),
-        ConsoleMode::Tty => Some(Box::new(std::io::stdout())),
+        ConsoleMode::Null => plain(Box::new(std::io::sink())),
+        ConsoleMode::Tty => plain(Box::new(std::io::stdout())),
         ConsoleMode::File => {
-            let path = config.file.as_ref().expect("file mode always has a path");
+            let path = config.file.as_ref().ok_or(DeviceError::MissingFilePath)?;
             let file = File::create(path).map_err(|source| DeviceError::SerialFile {
                 path: path.display().to_string(),
                 source,
             })?;
-            Some(Box::new(LineWriter::new(file)))
+            plain(Box::new(LineWriter::new(file)))
+        }
+        ConsoleMode::Socket => {
+            let path = config.socket.as_ref().ok_or(DeviceError::MissingSocketPath)?;
+            let socket = SerialSocket::bind(path).map_err(|source| DeviceError::SerialSocket {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Some((Box::new(socket.writer()), Some(socket)))
         }
         mode => return Err(DeviceError::UnsupportedSerialMode(mode)),
     })
@@ -73,9 +96,21 @@ impl DeviceManager {
         mmio.insert(ioapic.clone(), layout::IOAPIC_START, layout::IOAPIC_SIZE)?;
 
         let serial = match serial_output(serial_config)? {
-            Some(out) => {
+            Some((out, socket)) => {
                 let irq = IrqLine::new(ioapic.clone(), layout::SERIAL_IRQ);
                 let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out)));
+                if let Some(socket) = socket {
+                    socket
+                        .attach(serial.clone())
+                        .map_err(|source| DeviceError::SerialSocket {
+                            path: serial_config
+                                .socket
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                            source,
+                        })?;
+                }
                 pio.insert(
                     serial.clone(),
                     layout::SERIAL_PORT,

@@ -12,23 +12,28 @@ pub mod event_monitor;
 pub mod logger;
 pub mod memory;
 pub mod runner;
+pub mod serial_socket;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 
-/// Formats an error with its whole source chain on one line, outermost first.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
+/// An error and its sources, outermost first, without repeating a source that its parent already quotes.
+pub fn error_chain_list(error: &dyn std::error::Error) -> Vec<String> {
+    let mut chain = vec![error.to_string()];
     let mut source = error.source();
     while let Some(e) = source {
-        let s = e.to_string();
-        if !text.ends_with(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
+        let text = e.to_string();
+        if !chain.last().is_some_and(|outer| outer.ends_with(&text)) {
+            chain.push(text);
         }
         source = e.source();
     }
-    text
+    chain
+}
+
+/// Formats an error with its whole source chain on one line, outermost first.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    error_chain_list(error).join(": ")
 }
 
 /// The command-line parameter that points the test guest at the MMIO alias of ttyS0 (Linux's earlycon

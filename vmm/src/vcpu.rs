@@ -3,9 +3,9 @@
 //! Stopping: the VMM sets the shared stop flag and sends `VCPU_KICK_SIGNAL` to the thread, which makes a
 //! blocked KVM_RUN return EINTR (an AP parked waiting for INIT/SIPI sits in KVM_RUN indefinitely).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::exit::ExitNotifier;
 use devices::ioapic::Ioapic;
@@ -25,6 +25,99 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(vcpu_kick_signal(), noop_signal_handler)
 }
 
+/// What the VMM asks of its vCPU threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunRequest {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug)]
+struct ControlState {
+    request: RunRequest,
+    /// Threads currently parked because of a pause request.
+    parked: usize,
+}
+
+/// Pause/resume/stop handshake between the VMM and its vCPU threads. A request is observed when a thread
+/// is out of KVM_RUN, so every change is followed by kicks until the threads have acknowledged it.
+#[derive(Debug)]
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            state: Mutex::new(ControlState {
+                request: RunRequest::Run,
+                parked: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn request(&self) -> RunRequest {
+        self.lock().request
+    }
+
+    pub fn set_request(&self, request: RunRequest) {
+        self.lock().request = request;
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread between KVM_RUNs: parks while paused. Returns false when it must exit.
+    fn checkpoint(&self) -> bool {
+        let mut state = self.lock();
+        if state.request == RunRequest::Pause {
+            state.parked += 1;
+            self.changed.notify_all();
+            while state.request == RunRequest::Pause {
+                state = self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            state.parked -= 1;
+            self.changed.notify_all();
+        }
+        state.request != RunRequest::Stop
+    }
+
+    /// Waits (kicking the threads) until `count` threads are parked or `deadline` passes.
+    pub fn wait_parked(&self, threads: &[JoinHandle<()>], deadline: Instant) -> bool {
+        loop {
+            let running = threads.iter().filter(|t| !t.is_finished()).count();
+            {
+                let state = self.lock();
+                if state.parked >= running {
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // A kick can land just before a thread enters KVM_RUN; repeat until all have parked.
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                kick(t);
+            }
+            let state = self.lock();
+            let _ = self
+                .changed
+                .wait_timeout(state, Duration::from_micros(500))
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 /// What every vCPU thread shares with the VMM.
 #[derive(Clone)]
 pub struct VcpuShared {
@@ -32,7 +125,7 @@ pub struct VcpuShared {
     pub mmio_bus: Arc<Bus>,
     pub ioapic: Arc<Mutex<Ioapic>>,
     pub exit: ExitNotifier,
-    pub stop: Arc<AtomicBool>,
+    pub control: Arc<VcpuControl>,
     /// The first fatal vCPU error, reported to the VMM's main thread through the exit eventfd.
     pub failure: Arc<Mutex<Option<String>>>,
 }
@@ -76,15 +169,26 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn spawn(self, shared: VcpuShared) -> std::io::Result<JoinHandle<()>> {
+    /// Runs `vcpu` on a thread of its own. The thread holds the vCPU's lock only while it is inside one
+    /// KVM_RUN and its exit handling, so the VMM can read or load its state whenever the thread is parked.
+    pub fn spawn(vcpu: Arc<Mutex<Vcpu>>, shared: VcpuShared) -> std::io::Result<JoinHandle<()>> {
+        let id = vcpu.lock().unwrap_or_else(|e| e.into_inner()).id;
         std::thread::Builder::new()
-            .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run(shared))
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let mut unknown_access = RateLimitedLog { remaining: 16 };
+                while shared.control.checkpoint() {
+                    let mut vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+                    if !vcpu.run_once(&shared, &mut unknown_access) {
+                        return;
+                    }
+                }
+            })
     }
 
-    fn run(mut self, shared: VcpuShared) {
-        let mut unknown_access = RateLimitedLog { remaining: 16 };
-        while !shared.stop.load(Ordering::Acquire) {
+    /// One KVM_RUN and the handling of its exit; false when the thread must end.
+    fn run_once(&mut self, shared: &VcpuShared, unknown_access: &mut RateLimitedLog) -> bool {
+        {
             let io_pending = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     Some((false, port as u64, data.as_ptr() as *mut u8, data.len()))
@@ -118,14 +222,14 @@ impl Vcpu {
                 Ok(VcpuExit::Hlt) => {
                     // With the LAPIC in KVM a halt is handled in the kernel; seeing it means no irqchip.
                     shared.fail(format!("vcpu{}: unexpected HLT exit", self.id));
-                    return;
+                    return false;
                 }
                 Ok(VcpuExit::Shutdown) => {
                     shared.fail(format!(
                         "vcpu{}: the guest triple-faulted (KVM_EXIT_SHUTDOWN)",
                         self.id
                     ));
-                    return;
+                    return false;
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     let reason = match kind {
@@ -133,14 +237,14 @@ impl Vcpu {
                         _ => devices::exit::ExitReason::PowerOff,
                     };
                     shared.exit.notify(reason);
-                    return;
+                    return false;
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     shared.fail(format!(
                         "vcpu{}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})",
                         self.id
                     ));
-                    return;
+                    return false;
                 }
                 Ok(VcpuExit::InternalError) => {
                     let detail = self.internal_error_detail();
@@ -148,12 +252,12 @@ impl Vcpu {
                         "vcpu{}: KVM internal error (emulation failure?){detail}",
                         self.id
                     ));
-                    return;
+                    return false;
                 }
                 Ok(VcpuExit::Intr) => None,
                 Ok(other) => {
                     shared.fail(format!("vcpu{}: unhandled exit {other:?}", self.id));
-                    return;
+                    return false;
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // Kicked: the loop condition decides whether to go back in.
@@ -161,13 +265,14 @@ impl Vcpu {
                 }
                 Err(e) => {
                     shared.fail(format!("vcpu{}: KVM_RUN failed: {e}", self.id));
-                    return;
+                    return false;
                 }
             };
             if let Some((is_in, port, ptr, len)) = io_pending {
-                self.port_io(&shared, &mut unknown_access, is_in, port, ptr, len);
+                self.port_io(shared, unknown_access, is_in, port, ptr, len);
             }
         }
+        true
     }
 
     /// Handles an I/O exit element by element: `rep ins/outs` delivers `count` elements of `size` bytes.

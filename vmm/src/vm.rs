@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use crate::arch::{self, layout};
 use crate::config::VmConfig;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::memory::{self, MemoryError};
-use crate::vcpu::{self, Vcpu, VcpuShared};
+use crate::vcpu::{self, RunRequest, Vcpu, VcpuControl, VcpuShared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -114,10 +113,11 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     devices: DeviceManager,
     base_cpuid: CpuId,
-    /// vCPUs created but not yet running.
-    idle_vcpus: Vec<Vcpu>,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
     threads: Vec<JoinHandle<()>>,
     shared: VcpuShared,
+    /// KVM's clock when the VM was paused, restored on resume.
+    paused_clock: Option<kvm_bindings::kvm_clock_data>,
     /// When creation began: the origin of the VMM-side boot timings.
     pub created_at: Instant,
 }
@@ -151,12 +151,12 @@ impl Vm {
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::SupportedCpuid)?;
-        let mut idle_vcpus = Vec::new();
+        let mut vcpus = Vec::new();
         for id in 0..config.cpus.boot_vcpus {
             let fd = vm_fd
                 .create_vcpu(id as u64)
                 .map_err(|source| VmError::CreateVcpu { id, source })?;
-            idle_vcpus.push(Vcpu { id, fd });
+            vcpus.push(Arc::new(Mutex::new(Vcpu { id, fd })));
         }
 
         let shared = VcpuShared {
@@ -164,7 +164,7 @@ impl Vm {
             mmio_bus: devices.mmio_bus.clone(),
             ioapic: devices.ioapic.clone(),
             exit: devices.exit.clone(),
-            stop: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(VcpuControl::default()),
             failure: Arc::new(Mutex::new(None)),
         };
         Ok(Vm {
@@ -174,9 +174,10 @@ impl Vm {
             memory,
             devices,
             base_cpuid,
-            idle_vcpus,
+            vcpus,
             threads: Vec::new(),
             shared,
+            paused_clock: None,
             created_at,
         })
     }
@@ -248,7 +249,8 @@ impl Vm {
 
         let topology = self.topology();
         let count = self.config.cpus.boot_vcpus;
-        for vcpu in &self.idle_vcpus {
+        for vcpu in &self.vcpus {
+            let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
             let id = vcpu.id;
             let setup_err = |message: String| VmError::VcpuSetup { id, message };
             let cpuid = arch::cpuid::vcpu_cpuid(&self.base_cpuid, id, count, &topology)
@@ -287,11 +289,12 @@ impl Vm {
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<()> {
         vcpu::install_kick_handler().map_err(VmError::KickHandler)?;
-        self.shared.stop.store(false, Ordering::Release);
-        for vcpu in self.idle_vcpus.drain(..) {
-            let handle = vcpu
-                .spawn(self.shared.clone())
-                .map_err(VmError::SpawnVcpu)?;
+        self.shared.control.set_request(RunRequest::Run);
+        if !self.threads.is_empty() {
+            return Ok(());
+        }
+        for vcpu in &self.vcpus {
+            let handle = Vcpu::spawn(vcpu.clone(), self.shared.clone()).map_err(VmError::SpawnVcpu)?;
             self.threads.push(handle);
         }
         Ok(())
@@ -340,11 +343,41 @@ impl Vm {
         }
     }
 
+    /// Parks every vCPU thread outside KVM_RUN; KVM's clock is frozen so that guest time does not jump
+    /// across the pause.
+    pub fn pause(&mut self) -> Result<()> {
+        self.shared.control.set_request(RunRequest::Pause);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        if !self.shared.control.wait_parked(&self.threads, deadline) {
+            self.shared.control.set_request(RunRequest::Run);
+            return Err(VmError::VcpuFailed(
+                "vCPUs did not pause within 2 s".to_string(),
+            ));
+        }
+        match self.vm_fd.get_clock() {
+            Ok(clock) => self.paused_clock = Some(clock),
+            Err(e) => log::warn!("cannot read the KVM clock at pause: {e}"),
+        }
+        Ok(())
+    }
+
+    /// Lets paused vCPU threads run again.
+    pub fn resume(&mut self) -> Result<()> {
+        if let Some(mut clock) = self.paused_clock.take() {
+            // Only the time value is restored; the flags describe the reading, not a request.
+            clock.flags = 0;
+            if let Err(e) = self.vm_fd.set_clock(&clock) {
+                log::warn!("cannot restore the KVM clock at resume: {e}");
+            }
+        }
+        self.shared.control.set_request(RunRequest::Run);
+        Ok(())
+    }
+
     /// Stops and joins every vCPU thread.
     pub fn stop_vcpus(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
+        self.shared.control.set_request(RunRequest::Stop);
         let deadline = Instant::now() + Duration::from_secs(2);
-        // A kick can land just before a thread re-enters KVM_RUN; keep kicking until every thread is out.
         while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
             for t in self.threads.iter().filter(|t| !t.is_finished()) {
                 vcpu::kick(t);

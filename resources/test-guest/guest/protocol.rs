@@ -33,6 +33,7 @@ pub const SIGNAL_TOUCH_REGION: u32 = 0x100;
 pub const WORKLOAD_ID_BOOT: u64 = 1;
 pub const WORKLOAD_ID_TOUCH: u64 = 2;
 pub const WORKLOAD_ID_FAULT: u64 = 3;
+pub const WORKLOAD_ID_IDLE: u64 = 4;
 
 /// FAILURE arguments.
 pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;

@@ -43,6 +43,10 @@ const ECAM_E820: (u64, u64, &str) = (0xe000_0000, 0xefff_ffff, "reserved");
 /// layout::RSDP_START, as the kernel prints it.
 const RSDP_LINE_PREFIX: &str = "ACPI: RSDP 0x00000000000E0000";
 
+/// The MADT's IOAPIC at layout::IOAPIC_START with layout::IOAPIC_PINS pins, as the kernel prints it.
+const IOAPIC_LINE_PREFIX: &str = "IOAPIC[0]: apic_id ";
+const IOAPIC_LINE_SUFFIX: &str = "address 0xfec00000, GSI 0-23";
+
 /// What `fetch-kernel.sh` reports.
 struct Kernel {
     vmlinux: PathBuf,
@@ -192,16 +196,26 @@ fn early_boot_problems(log: &str, cmdline: &str) -> Vec<String> {
     if !lines.iter().any(|l| l.starts_with(RSDP_LINE_PREFIX)) {
         problems.push(format!("no `{RSDP_LINE_PREFIX}` line"));
     }
-    // Tables Linux refused show up as warnings or errors naming ACPI.
+    // Tables Linux dislikes show up as ACPICA errors or warnings, or as firmware-bug lines naming ACPI.
     for l in lines.iter().filter(|l| {
         l.starts_with("ACPI BIOS Error")
             || l.starts_with("ACPI Error")
-            || l.contains("ACPI: [Firmware Bug]")
+            || l.starts_with("ACPI BIOS Warning")
+            || l.starts_with("ACPI Warning")
+            || (l.contains("[Firmware Bug]") && l.contains("ACPI"))
     }) {
         problems.push(format!("ACPI complaint: `{l}`"));
     }
 
-    // (d) The CPU count, learnt from our MADT.
+    // (d) The interrupt controllers and CPU count, learnt from our MADT.
+    if !lines
+        .iter()
+        .any(|l| l.starts_with(IOAPIC_LINE_PREFIX) && l.ends_with(IOAPIC_LINE_SUFFIX))
+    {
+        problems.push(format!(
+            "no `{IOAPIC_LINE_PREFIX}...{IOAPIC_LINE_SUFFIX}` line (IOAPIC from the MADT)"
+        ));
+    }
     if !lines
         .iter()
         .any(|l| l.starts_with("ACPI: Using ACPI (MADT) for SMP configuration information"))
@@ -270,7 +284,8 @@ fn linux_early_boot_sees_our_boot_protocol() {
             .wait_for_line(left, |l| log_text(l).starts_with(milestone))
             .is_none()
         {
-            let how = match vmm.wait_exit(Duration::ZERO) {
+            // Stdout may have closed because trenv is exiting; give it a moment to be reaped.
+            let how = match vmm.wait_exit(Duration::from_millis(500)) {
                 Some(status) => format!("trenv exited ({status})"),
                 None => format!("not within {EARLY_BOOT_BUDGET:?}"),
             };
@@ -302,6 +317,7 @@ fn linux_early_boot_sees_our_boot_protocol() {
         l.starts_with("Command line:")
             || l.starts_with("BIOS-e820:")
             || l.starts_with("ACPI: ")
+            || l.starts_with("IOAPIC[0]:")
             || l.starts_with("smpboot: Allowing")
     }) {
         eprintln!("  {l}");
@@ -474,6 +490,7 @@ fn early_boot_check_parses_a_kernel_log() {
 [    0.000000] ACPI: FACP 0x00000000000E0060 000114 (v06 TRENV  TRENVFAC 00000001 TRNV 00000001)\r
 [    0.000000] ACPI: DSDT 0x00000000000E0174 000040 (v06 TRENV  TRENVDSD 00000001 TRNV 00000001)\r
 [    0.000000] ACPI: APIC 0x00000000000E01B4 000050 (v05 TRENV  TRENVMAD 00000001 TRNV 00000001)\r
+[    0.000000] IOAPIC[0]: apic_id 0, version 32, address 0xfec00000, GSI 0-23\r
 [    0.000000] ACPI: Using ACPI (MADT) for SMP configuration information\r
 [    0.000000] smpboot: Allowing 2 CPUs, 0 hotplug CPUs\r
 ";
@@ -494,6 +511,21 @@ fn early_boot_check_parses_a_kernel_log() {
 
     let no_madt = log.replace("ACPI: APIC", "ACPI: XXXX");
     assert_eq!(early_boot_problems(&no_madt, cmdline).len(), 1);
+
+    let few_pins = log.replace("GSI 0-23", "GSI 0-15");
+    assert_eq!(early_boot_problems(&few_pins, cmdline).len(), 1);
+
+    let complaint = format!(
+        "{log}[    0.1] ACPI BIOS Warning (bug): Invalid length for FADT/Pm1aControlBlock\r\n"
+    );
+    assert_eq!(early_boot_problems(&complaint, cmdline).len(), 1);
+
+    // The TSC firmware-bug line this host's AMD CPUs cause is not about the boot protocol.
+    let tsc = log.replace(
+        "[    0.000000] BIOS-provided",
+        "[    0.000000] [Firmware Bug]: TSC doesn't count with P0 frequency!\r\n[    0.000000] BIOS-provided",
+    );
+    assert_eq!(early_boot_problems(&tsc, cmdline), Vec::<String>::new());
 }
 
 #[test]

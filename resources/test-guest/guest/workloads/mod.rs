@@ -6,6 +6,7 @@
 
 mod boot;
 mod fault;
+mod idle;
 mod touch;
 
 use crate::bootinfo::BootInfo;
@@ -39,6 +40,12 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_TOUCH,
         params: &["mib", "seed"],
         run: touch::run,
+    },
+    Workload {
+        name: "idle",
+        id: crate::protocol::WORKLOAD_ID_IDLE,
+        params: &["secs"],
+        run: idle::run,
     },
     Workload {
         name: "fault",

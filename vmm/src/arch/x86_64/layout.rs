@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! 0x0000_0500  boot GDT                     0x0000_9000  boot PML4 / PDPT / PD (identity, 1 GiB)
-//! 0x0000_0520  boot IDT (empty)             0x0002_0000  kernel command line
+//! 0x0000_0540  boot IDT (empty)             0x0002_0000  kernel command line
 //! 0x0000_6000  PVH hvm_start_info + memmap  0x0009_fc00  EBDA (reserved) .. 0x10_0000
 //! 0x0000_7000  boot_params (zero page)      0x000e_0000  ACPI RSDP, then XSDT/FADT/MADT/DSDT
 //! 0x0000_8ff0  boot stack top               0x0010_0000  kernel / test guest load address
@@ -21,7 +21,7 @@
 //! ```
 
 pub const BOOT_GDT_START: u64 = 0x500;
-pub const BOOT_IDT_START: u64 = 0x520;
+pub const BOOT_IDT_START: u64 = 0x540;
 pub const PVH_INFO_START: u64 = 0x6000;
 pub const PVH_MEMMAP_START: u64 = 0x6040;
 /// PVH module list (the initramfs), after room for 80 memory map entries.

@@ -8,6 +8,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod msr;
 pub mod regs;
+pub mod vcpu_state;
 
 use vm_memory::GuestAddress;
 

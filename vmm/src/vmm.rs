@@ -1,0 +1,372 @@
+//! The VMM process's control loop: owns at most one VM, applies API requests to it in order, and reacts to
+//! the guest powering off or resetting.
+//!
+//! States follow Cloud Hypervisor's: no VM (404 for VM requests), `Created` (config stored, nothing running),
+//! `Running`, `Paused`, `Shutdown` (stopped, config kept so it can boot again). A guest power-off ends the
+//! process (exit 0), as Kata expects; a guest reset reboots the VM when an API socket is serving, and ends
+//! the process otherwise.
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use api::models::{VmConfig, VmInfo, VmState, VmmPingResponse};
+use api::router::{ApiRequest, ApiResponse};
+use api::server::ApiCall;
+use devices::exit::ExitReason;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::event_monitor;
+use crate::vm::{self, Vm, VmError};
+
+/// Why the control loop ended.
+#[derive(Debug)]
+pub enum VmmExit {
+    /// The guest powered off, or reset without an API to reboot it.
+    Guest(ExitReason),
+    /// `vmm.shutdown` was requested.
+    Requested,
+    /// The VM failed (a vCPU error); the process should exit non-zero.
+    Failed(String),
+}
+
+pub struct Vmm {
+    config: Option<VmConfig>,
+    vm: Option<Vm>,
+    state: VmState,
+    api: Option<(Receiver<ApiCall>, EventFd)>,
+}
+
+fn not_created() -> ApiResponse {
+    ApiResponse::Error {
+        status: 404,
+        chain: vec!["the VM is not created (PUT vm.create first)".to_string()],
+    }
+}
+
+fn invalid_state(action: &str, state: VmState) -> ApiResponse {
+    ApiResponse::Error {
+        status: 500,
+        chain: vec![format!("cannot {action} a VM that is {state:?}")],
+    }
+}
+
+fn vm_error(action: &str, e: &VmError) -> ApiResponse {
+    let mut chain = vec![format!("cannot {action} the VM")];
+    chain.extend(crate::error_chain_list(e));
+    ApiResponse::Error { status: 500, chain }
+}
+
+impl Vmm {
+    pub fn new(api: Option<(Receiver<ApiCall>, EventFd)>) -> Vmm {
+        Vmm {
+            config: None,
+            vm: None,
+            state: VmState::Created,
+            api,
+        }
+    }
+
+    pub fn state(&self) -> Option<VmState> {
+        self.config.as_ref().map(|_| self.state)
+    }
+
+    /// Stores a configuration (vm.create, or the CLI's flags).
+    pub fn create(&mut self, config: VmConfig) -> Result<(), ApiResponse> {
+        if self.config.is_some() {
+            return Err(ApiResponse::Error {
+                status: 500,
+                chain: vec!["a VM is already created (PUT vm.delete first)".to_string()],
+            });
+        }
+        if let Err(e) = config.validate() {
+            return Err(ApiResponse::Error {
+                status: 400,
+                chain: vec!["invalid VM configuration".to_string(), e.to_string()],
+            });
+        }
+        if let Some(missing) = unsupported_feature(&config) {
+            return Err(ApiResponse::not_available(missing));
+        }
+        self.config = Some(config);
+        self.state = VmState::Created;
+        event_monitor::emit("vm", "created", &[]);
+        Ok(())
+    }
+
+    /// Creates and starts the VM from the stored configuration.
+    pub fn boot(&mut self) -> Result<(), VmError> {
+        let config = self.config.as_ref().expect("boot needs a created VM");
+        let kvm = vm::open_kvm()?;
+        let mut vm = Vm::create(kvm, config)?;
+        vm.configure_for_boot()?;
+        event_monitor::emit("vm", "booting", &[]);
+        vm.start()?;
+        event_monitor::emit("vm", "booted", &[]);
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    fn stop_vm(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop_vcpus();
+        }
+        if self.config.is_some() {
+            self.state = VmState::Shutdown;
+        }
+    }
+
+    fn handle(&mut self, request: ApiRequest) -> (ApiResponse, Option<VmmExit>) {
+        use ApiRequest as R;
+        let response = match request {
+            R::VmmPing => ApiResponse::Json(
+                serde_json::to_value(VmmPingResponse {
+                    build_version: env!("CARGO_PKG_VERSION").to_string(),
+                    version: format!("{} (trenv {})", api::CH_COMPAT_VERSION, env!("CARGO_PKG_VERSION")),
+                    pid: std::process::id() as i64,
+                    features: vec!["kvm".to_string(), "trenv".to_string()],
+                })
+                .unwrap_or_default(),
+            ),
+            R::VmmShutdown => {
+                self.stop_vm();
+                return (ApiResponse::Empty, Some(VmmExit::Requested));
+            }
+            R::VmCreate(config) => match self.create(*config) {
+                Ok(()) => ApiResponse::Empty,
+                Err(response) => response,
+            },
+            R::VmBoot => match self.state() {
+                None => not_created(),
+                Some(VmState::Created) | Some(VmState::Shutdown) => match self.boot() {
+                    Ok(()) => ApiResponse::Empty,
+                    Err(e) => vm_error("boot", &e),
+                },
+                Some(state) => invalid_state("boot", state),
+            },
+            R::VmShutdown => match self.state() {
+                None => not_created(),
+                Some(VmState::Running) | Some(VmState::Paused) => {
+                    self.stop_vm();
+                    event_monitor::emit("vm", "shutdown", &[]);
+                    ApiResponse::Empty
+                }
+                Some(state) => invalid_state("shut down", state),
+            },
+            R::VmReboot => match self.state() {
+                None => not_created(),
+                Some(VmState::Running) | Some(VmState::Paused) => self.reboot(),
+                Some(state) => invalid_state("reboot", state),
+            },
+            R::VmPause => match (self.state(), self.vm.as_mut()) {
+                (None, _) => not_created(),
+                (Some(VmState::Running), Some(vm)) => match vm.pause() {
+                    Ok(()) => {
+                        self.state = VmState::Paused;
+                        event_monitor::emit("vm", "paused", &[]);
+                        ApiResponse::Empty
+                    }
+                    Err(e) => vm_error("pause", &e),
+                },
+                (Some(state), _) => invalid_state("pause", state),
+            },
+            R::VmResume => match (self.state(), self.vm.as_mut()) {
+                (None, _) => not_created(),
+                (Some(VmState::Paused), Some(vm)) => match vm.resume() {
+                    Ok(()) => {
+                        self.state = VmState::Running;
+                        event_monitor::emit("vm", "resumed", &[]);
+                        ApiResponse::Empty
+                    }
+                    Err(e) => vm_error("resume", &e),
+                },
+                (Some(state), _) => invalid_state("resume", state),
+            },
+            R::VmDelete => {
+                if self.config.is_none() {
+                    not_created()
+                } else {
+                    self.stop_vm();
+                    self.config = None;
+                    event_monitor::emit("vm", "deleted", &[]);
+                    ApiResponse::Empty
+                }
+            }
+            R::VmInfo => match &self.config {
+                None => not_created(),
+                Some(config) => ApiResponse::Json(
+                    serde_json::to_value(VmInfo {
+                        config: config.clone(),
+                        state: self.state,
+                        memory_actual_size: Some(config.memory.size),
+                        device_tree: Some(Default::default()),
+                    })
+                    .unwrap_or_default(),
+                ),
+            },
+            R::VmCounters => match &self.config {
+                None => not_created(),
+                Some(_) => ApiResponse::Json(self.counters()),
+            },
+            R::VmPowerButton => ApiResponse::not_available(
+                "vm.power-button (needs the ACPI generic event device, not in this build)",
+            ),
+            R::VmNmi => ApiResponse::not_available("vm.nmi (NMI injection is not in this build)"),
+            R::VmResize(_) | R::VmResizeZone(_) | R::VmResizeDisk(_) => {
+                ApiResponse::not_available("resizing (CPU/memory hotplug is not in this build)")
+            }
+            R::VmAddDisk(_)
+            | R::VmAddFs(_)
+            | R::VmAddPmem(_)
+            | R::VmAddNet(..)
+            | R::VmAddVsock(_)
+            | R::VmAddDevice(_)
+            | R::VmAddUserDevice(_)
+            | R::VmAddVdpa(_)
+            | R::VmRemoveDevice(_) => ApiResponse::not_available(
+                "device hotplug (PCI and virtio devices are not in this build yet)",
+            ),
+            R::VmSnapshot(_) | R::VmRestore(..) => ApiResponse::not_available(
+                "snapshot/restore (memory templates are not in this build yet)",
+            ),
+            R::VmSendMigration(_) | R::VmReceiveMigration(_) => {
+                ApiResponse::not_available("live migration")
+            }
+        };
+        (response, None)
+    }
+
+    fn reboot(&mut self) -> ApiResponse {
+        self.stop_vm();
+        match self.boot() {
+            Ok(()) => {
+                event_monitor::emit("vm", "rebooted", &[]);
+                ApiResponse::Empty
+            }
+            Err(e) => vm_error("reboot", &e),
+        }
+    }
+
+    fn counters(&self) -> serde_json::Value {
+        let events = self.vm.as_ref().map(|vm| vm.guest_events().len()).unwrap_or(0);
+        serde_json::json!({
+            "guest-signal": { "events": events },
+        })
+    }
+
+    /// Serves API calls and guest exits until the process should end.
+    pub fn run(&mut self) -> VmmExit {
+        loop {
+            // Drain API calls first: they are what an operator is waiting on.
+            if let Some(exit) = self.serve_api_calls() {
+                return exit;
+            }
+            if let Some(exit) = self.check_guest() {
+                return exit;
+            }
+            self.wait_for_events();
+        }
+    }
+
+    fn serve_api_calls(&mut self) -> Option<VmmExit> {
+        let mut calls = Vec::new();
+        if let Some((receiver, wake)) = &self.api {
+            let _ = wake.read();
+            loop {
+                match receiver.try_recv() {
+                    Ok(call) => calls.push(call),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        log::error!("the API server thread ended");
+                        break;
+                    }
+                }
+            }
+        }
+        for call in calls {
+            let (response, exit) = self.handle(call.request);
+            let _ = call.reply.send(response);
+            if exit.is_some() {
+                return exit;
+            }
+        }
+        None
+    }
+
+    fn check_guest(&mut self) -> Option<VmmExit> {
+        let vm = self.vm.as_ref()?;
+        match vm.poll_exit() {
+            Ok(None) => None,
+            Ok(Some(ExitReason::Reset)) if self.api.is_some() => {
+                log::info!("guest reset: rebooting the VM");
+                if let ApiResponse::Error { chain, .. } = self.reboot() {
+                    return Some(VmmExit::Failed(chain.join(": ")));
+                }
+                None
+            }
+            Ok(Some(reason)) => {
+                let (rss_kib, hwm_kib) = crate::runner::process_memory_kib();
+                self.stop_vm();
+                event_monitor::emit(
+                    "vm",
+                    if reason == ExitReason::PowerOff { "shutdown" } else { "reset" },
+                    &[
+                        ("vmm_rss_kib", rss_kib.to_string()),
+                        ("vmm_hwm_kib", hwm_kib.to_string()),
+                    ],
+                );
+                Some(VmmExit::Guest(reason))
+            }
+            Err(e) => {
+                self.stop_vm();
+                Some(VmmExit::Failed(crate::error_chain(&e)))
+            }
+        }
+    }
+
+    fn wait_for_events(&self) {
+        let mut fds = Vec::with_capacity(2);
+        if let Some((_, wake)) = &self.api {
+            fds.push(libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        if let Some(vm) = &self.vm {
+            fds.push(libc::pollfd {
+                fd: vm.exit_eventfd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: polls descriptors we own through pollfds on our stack. Without any, this just sleeps, which
+        // only happens without an API and without a VM, a state `run` never waits in.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if let Some(vm) = &self.vm {
+            let _ = vm.exit_eventfd().read();
+        }
+    }
+}
+
+/// The first configured feature this build cannot provide, so that vm.create fails clearly instead of
+/// booting a VM without what was asked for.
+fn unsupported_feature(config: &VmConfig) -> Option<&'static str> {
+    let non_empty = |len: Option<usize>| len.is_some_and(|n| n > 0);
+    if non_empty(config.disks.as_ref().map(Vec::len)) {
+        return Some("disks (virtio-blk)");
+    }
+    if non_empty(config.net.as_ref().map(Vec::len)) {
+        return Some("net (virtio-net)");
+    }
+    if non_empty(config.pmem.as_ref().map(Vec::len)) {
+        return Some("pmem (virtio-pmem)");
+    }
+    if non_empty(config.fs.as_ref().map(Vec::len)) {
+        return Some("fs (virtio-fs)");
+    }
+    if config.vsock.is_some() {
+        return Some("vsock (virtio-vsock)");
+    }
+    None
+}
