@@ -11,15 +11,24 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConsoleConfig, ConsoleMode, VmConfig};
+use crate::vmm::{Vmm, VmmExit};
 use crate::{error_chain, event_monitor, logger, runner};
+
+/// `--version`: the first line is what libvirt's Cloud Hypervisor driver parses; the second names trenv.
+fn version_text() -> String {
+    format!(
+        "cloud-hypervisor v{ch}\ntrenv v{trenv} (implements the Cloud Hypervisor v{ch} API)",
+        trenv = env!("CARGO_PKG_VERSION"),
+        ch = api::CH_COMPAT_VERSION,
+    )
+}
 
 #[derive(Parser, Debug)]
 #[command(
     name = "trenv",
-    version,
     about = "TrEnv: a template-aware VMM for serverless and agent sandboxes"
 )]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(args_conflicts_with_subcommands = true, disable_version_flag = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -44,12 +53,18 @@ struct Cli {
     /// off (the virtio console arrives with the virtio devices)
     #[arg(long, value_name = "MODE", default_value = "off")]
     console: String,
+    /// Serve the Cloud Hypervisor-compatible REST API on this Unix socket: PATH, path=PATH or fd=N.
+    #[arg(long, value_name = "SOCKET")]
+    api_socket: Option<String>,
     /// Write lifecycle events as JSON lines: path=FILE or fd=N.
     #[arg(long, value_name = "TARGET")]
     event_monitor: Option<String>,
     /// Log to this file instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// Print the version (and the Cloud Hypervisor API level implemented).
+    #[arg(short = 'V', long)]
+    version: bool,
     /// More logging: -v info, -vv debug, -vvv trace.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
@@ -86,12 +101,17 @@ fn config_from_cli(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
         memory: config::parse_memory(&cli.memory)?,
         serial,
         console,
+        ..Default::default()
     };
     config.validate()?;
     Ok(config)
 }
 
 fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
+    if cli.version {
+        println!("{}", version_text());
+        return Ok(());
+    }
     logger::init(cli.verbose, cli.log_file.as_deref())
         .map_err(|e| format!("cannot open log file: {e}"))?;
     if let Some(target) = &cli.event_monitor {
@@ -101,18 +121,69 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
     if let Some(Command::Demo { memory }) = &cli.command {
         return demo(memory, start_ns);
     }
-    let config = config_from_cli(&cli).map_err(|e| e.to_string())?;
-    let report = runner::run_vm(&config, start_ns).map_err(|e| error_chain(&e))?;
-    log::info!(
-        "guest {:?} after {:.3} ms (boot complete at {})",
-        report.exit,
-        report.total.as_secs_f64() * 1e3,
-        report
-            .boot_complete
-            .map(|d| format!("{:.3} ms", d.as_secs_f64() * 1e3))
-            .unwrap_or_else(|| "-".into())
-    );
-    Ok(())
+    let config = match (&cli.kernel, &cli.api_socket) {
+        // Only an API socket: the VM is created later by vm.create.
+        (None, Some(_)) => None,
+        _ => Some(config_from_cli(&cli).map_err(|e| e.to_string())?),
+    };
+    let api = match &cli.api_socket {
+        Some(spec) => Some(start_api(spec)?),
+        None => None,
+    };
+    let serving_api = api.is_some();
+    let mut vmm = Vmm::new(api);
+    if let Some(config) = config {
+        // A run that fails to boot must not leave behind a serial output file it created.
+        let created_serial_file = (config.serial.mode == ConsoleMode::File)
+            .then(|| config.serial.file.clone())
+            .flatten()
+            .filter(|path| !path.exists());
+        vmm.create(config)
+            .map_err(|response| crate::vmm::response_text(&response))?;
+        if let Err(e) = vmm.boot() {
+            if let Some(path) = created_serial_file {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(error_chain(&e));
+        }
+    }
+    let exit = vmm.run();
+    let uptime_ms = (event_monitor::monotonic_ns().saturating_sub(start_ns)) as f64 / 1e6;
+    match exit {
+        VmmExit::Guest(reason) => {
+            log::info!("guest {reason:?} after {uptime_ms:.3} ms");
+            Ok(())
+        }
+        VmmExit::Requested => {
+            log::info!("shut down by request after {uptime_ms:.3} ms (API: {serving_api})");
+            Ok(())
+        }
+        VmmExit::Failed(message) => Err(message),
+    }
+}
+
+/// Binds the API socket and starts the server thread; the VMM's control loop receives its calls.
+fn start_api(
+    spec: &str,
+) -> Result<
+    (
+        std::sync::mpsc::Receiver<api::server::ApiCall>,
+        vmm_sys_util::eventfd::EventFd,
+    ),
+    String,
+> {
+    let spec = api::server::parse_api_socket(spec)?;
+    let listener =
+        api::server::bind(&spec).map_err(|e| format!("cannot listen on the API socket: {e}"))?;
+    let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| format!("cannot create the API eventfd: {e}"))?;
+    let server_wake = wake
+        .try_clone()
+        .map_err(|e| format!("cannot create the API eventfd: {e}"))?;
+    let (calls, receiver) = std::sync::mpsc::channel();
+    api::server::start(listener, calls, server_wake)
+        .map_err(|e| format!("cannot start the API server: {e}"))?;
+    Ok((receiver, wake))
 }
 
 fn demo(memory: &str, start_ns: u64) -> Result<(), String> {

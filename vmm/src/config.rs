@@ -1,234 +1,14 @@
-//! VM configuration: the Cloud Hypervisor-compatible `VmConfig` (the same JSON shapes `vm.create` takes) and
-//! the parsers for the CLI's `key=value,key=value` option strings.
-//!
-//! Config is what a human or orchestrator writes; it is kept apart from runtime state so that it can be
-//! stored, shown by `vm.info`, and reused to restore.
+//! VM configuration: the Cloud Hypervisor-compatible `VmConfig` (defined in `api::models`, re-exported here)
+//! and the parsers for the CLI's `key=value,key=value` option strings.
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
-    #[error("invalid {option} option '{value}': {reason}")]
-    Invalid {
-        option: &'static str,
-        value: String,
-        reason: String,
-    },
-    #[error("unknown parameter '{param}' in {option} option (known: {known})")]
-    UnknownParam {
-        option: &'static str,
-        param: String,
-        known: String,
-    },
-    #[error("no kernel given: pass --kernel PATH (or payload.kernel)")]
-    MissingKernel,
-    #[error("memory size {size} MiB is too small: at least {min} MiB is needed")]
-    MemoryTooSmall { size: u64, min: u64 },
-    #[error("memory size {size} MiB is more than this host's {host} MiB of RAM")]
-    MemoryTooLarge { size: u64, host: u64 },
-    #[error("boot_vcpus must be between 1 and max_vcpus ({max}); got {boot}")]
-    BadVcpuCount { boot: u8, max: u8 },
-    #[error("the command line is {len} bytes; at most {max} fit")]
-    CmdlineTooLong { len: usize, max: usize },
-}
-
-/// Smallest guest we accept: the boot structures, ACPI area and a kernel must fit.
-pub const MIN_MEMORY_MIB: u64 = 8;
-pub const DEFAULT_MEMORY_MIB: u64 = 512;
-/// x86 APIC ids of xAPIC mode fit in 8 bits; 255 is the broadcast id.
-pub const MAX_VCPUS: u8 = 254;
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PayloadConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmdline: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initramfs: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub firmware: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CpuTopologyConfig {
-    pub threads_per_core: u8,
-    pub cores_per_die: u8,
-    pub dies_per_package: u8,
-    pub packages: u8,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CpusConfig {
-    pub boot_vcpus: u8,
-    pub max_vcpus: u8,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topology: Option<CpuTopologyConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_phys_bits: Option<u8>,
-}
-
-impl Default for CpusConfig {
-    fn default() -> Self {
-        CpusConfig {
-            boot_vcpus: 1,
-            max_vcpus: 1,
-            topology: None,
-            max_phys_bits: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemoryConfig {
-    /// Bytes.
-    pub size: u64,
-    #[serde(default)]
-    pub shared: bool,
-    #[serde(default)]
-    pub hugepages: bool,
-    #[serde(default)]
-    pub prefault: bool,
-    #[serde(default = "default_true")]
-    pub thp: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        MemoryConfig {
-            size: DEFAULT_MEMORY_MIB << 20,
-            shared: false,
-            hugepages: false,
-            prefault: false,
-            thp: true,
-        }
-    }
-}
-
-/// Where a console's output goes (Cloud Hypervisor's `ConsoleOutputMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ConsoleMode {
-    Off,
-    Pty,
-    Tty,
-    File,
-    Socket,
-    Null,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsoleConfig {
-    pub mode: ConsoleMode,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socket: Option<PathBuf>,
-}
-
-impl ConsoleConfig {
-    pub fn with_mode(mode: ConsoleMode) -> Self {
-        ConsoleConfig {
-            mode,
-            file: None,
-            socket: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmConfig {
-    #[serde(default)]
-    pub payload: PayloadConfig,
-    #[serde(default)]
-    pub cpus: CpusConfig,
-    #[serde(default)]
-    pub memory: MemoryConfig,
-    #[serde(default = "default_serial")]
-    pub serial: ConsoleConfig,
-    #[serde(default = "default_console")]
-    pub console: ConsoleConfig,
-}
-
-fn default_serial() -> ConsoleConfig {
-    ConsoleConfig::with_mode(ConsoleMode::Null)
-}
-
-fn default_console() -> ConsoleConfig {
-    ConsoleConfig::with_mode(ConsoleMode::Off)
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        VmConfig {
-            payload: PayloadConfig::default(),
-            cpus: CpusConfig::default(),
-            memory: MemoryConfig::default(),
-            serial: default_serial(),
-            console: default_console(),
-        }
-    }
-}
-
-impl VmConfig {
-    /// Checks what can be checked without touching the host's devices.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.payload.kernel.is_none() {
-            return Err(ConfigError::MissingKernel);
-        }
-        let cpus = &self.cpus;
-        if cpus.boot_vcpus == 0 || cpus.boot_vcpus > cpus.max_vcpus || cpus.max_vcpus > MAX_VCPUS {
-            return Err(ConfigError::BadVcpuCount {
-                boot: cpus.boot_vcpus,
-                max: cpus.max_vcpus.min(MAX_VCPUS),
-            });
-        }
-        let size_mib = self.memory.size >> 20;
-        if size_mib < MIN_MEMORY_MIB {
-            return Err(ConfigError::MemoryTooSmall {
-                size: size_mib,
-                min: MIN_MEMORY_MIB,
-            });
-        }
-        if let Some(host_mib) = host_memory_mib() {
-            if size_mib > host_mib {
-                return Err(ConfigError::MemoryTooLarge {
-                    size: size_mib,
-                    host: host_mib,
-                });
-            }
-        }
-        if let Some(cmdline) = &self.payload.cmdline {
-            let max = crate::arch::layout::CMDLINE_MAX_SIZE - 1;
-            if cmdline.len() > max {
-                return Err(ConfigError::CmdlineTooLong {
-                    len: cmdline.len(),
-                    max,
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The host's physical RAM, the ceiling for one guest's memory.
-pub fn host_memory_mib() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib >> 10)
-}
+// The models live in the API crate, where `vm.create` parses them; the CLI builds the same types.
+pub use api::models::{
+    host_memory_mib, ConfigError, ConsoleConfig, ConsoleMode, CpuTopology, CpuTopologyConfig,
+    CpusConfig, MemoryConfig, PayloadConfig, VmConfig, DEFAULT_MEMORY_MIB, MAX_VCPUS,
+    MIN_MEMORY_MIB,
+};
 
 /// A parsed `key=value,key=value` option string. A bare word (no `=`) is kept as a key with an empty value,
 /// so `--serial tty` and `--serial file=/x` share one parser.
@@ -344,7 +124,7 @@ pub fn parse_cpus(raw: &str) -> Result<CpusConfig, ConfigError> {
                 [Some(threads), Some(cores), Some(dies), Some(packages)]
                     if *threads > 0 && *cores > 0 && *dies > 0 && *packages > 0 =>
                 {
-                    Ok(CpuTopologyConfig {
+                    Ok(CpuTopology {
                         threads_per_core: *threads,
                         cores_per_die: *cores,
                         dies_per_package: *dies,
@@ -371,6 +151,7 @@ pub fn parse_cpus(raw: &str) -> Result<CpusConfig, ConfigError> {
         max_vcpus: max,
         topology,
         max_phys_bits: p.u8("max_phys_bits")?,
+        ..Default::default()
     };
     Ok(cpus)
 }
@@ -402,6 +183,7 @@ pub fn parse_memory(raw: &str) -> Result<MemoryConfig, ConfigError> {
         hugepages: p.bool("hugepages")?.unwrap_or(defaults.hugepages),
         prefault: p.bool("prefault")?.unwrap_or(defaults.prefault),
         thp: p.bool("thp")?.unwrap_or(defaults.thp),
+        ..defaults
     })
 }
 
@@ -438,9 +220,9 @@ pub fn parse_console(option: &'static str, raw: &str) -> Result<ConsoleConfig, C
         }
     };
     Ok(ConsoleConfig {
-        mode: *mode,
         file: path_of("file")?,
         socket: path_of("socket")?,
+        ..ConsoleConfig::with_mode(*mode)
     })
 }
 
@@ -496,40 +278,5 @@ mod tests {
         assert!(parse_console("--serial", "file=").is_err());
         assert!(parse_console("--serial", "tty,off").is_err());
         assert!(parse_console("--serial", "bogus").is_err());
-    }
-
-    #[test]
-    fn validation() {
-        let mut c = VmConfig::default();
-        assert_eq!(c.validate(), Err(ConfigError::MissingKernel));
-        c.payload.kernel = Some("/k".into());
-        c.validate().unwrap();
-        c.memory.size = 1 << 20;
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::MemoryTooSmall { .. })
-        ));
-        c.memory.size = 1 << 60;
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::MemoryTooLarge { .. })
-        ));
-        c.memory.size = 256 << 20;
-        c.cpus.boot_vcpus = 0;
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::BadVcpuCount { .. })
-        ));
-    }
-
-    #[test]
-    fn json_shape_is_cloud_hypervisor_compatible() {
-        let json = r#"{"payload":{"kernel":"/k","cmdline":"console=ttyS0"},
-            "cpus":{"boot_vcpus":2,"max_vcpus":2},"memory":{"size":268435456},
-            "serial":{"mode":"Tty"},"console":{"mode":"Off"}}"#;
-        let c: VmConfig = serde_json::from_str(json).unwrap();
-        assert_eq!(c.cpus.boot_vcpus, 2);
-        assert_eq!(c.serial.mode, ConsoleMode::Tty);
-        assert!(serde_json::from_str::<VmConfig>(r#"{"cpus":{"boot_vcpus":"x"}}"#).is_err());
     }
 }

@@ -7,15 +7,18 @@
 pub mod arch;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod device_manager;
 pub mod event_monitor;
 pub mod logger;
 pub mod memory;
+pub mod remote;
 pub mod runner;
 pub mod serial_socket;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
+pub mod vmm;
 
 /// An error and its sources, outermost first, without repeating a source that its parent already quotes.
 pub fn error_chain_list(error: &dyn std::error::Error) -> Vec<String> {

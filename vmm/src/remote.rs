@@ -125,7 +125,7 @@ enum Conv {
     RateLimit,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Key {
     cli: &'static str,
     json: &'static str,
@@ -759,7 +759,9 @@ fn build_call(command: Command) -> Result<Call, RemoteError> {
         ),
         Command::ResizeZone { id, size } => Call::put(
             "vm.resize-zone",
-            Some(json!({"id": id, "desired_ram": size_arg("memory zone size", &size)?}).to_string()),
+            Some(
+                json!({"id": id, "desired_ram": size_arg("memory zone size", &size)?}).to_string(),
+            ),
         ),
         Command::ResizeDisk { disk, size } => Call::put(
             "vm.resize-disk",
@@ -800,7 +802,11 @@ pub fn error_body_text(body: &str) -> String {
     match serde_json::from_str::<Value>(body) {
         Ok(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
             .collect::<Vec<_>>()
             .join(": "),
         _ => body.trim().to_string(),
@@ -1090,6 +1096,78 @@ mod tests {
         );
         assert_eq!(error_body_text("plain text\n"), "plain text");
         assert_eq!(pretty_body(r#"{"a":1}"#), "{\n  \"a\": 1\n}");
+    }
+
+    /// The bodies we build must be what the server's models read, with no field left unread.
+    #[test]
+    fn bodies_match_the_api_models() {
+        use api::models::*;
+        fn check<T: serde::de::DeserializeOwned>(body: &Value) {
+            let parsed = from_json::<T>(body.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("{body} does not parse: {e}"));
+            assert!(
+                parsed.ignored_fields.is_empty(),
+                "{body}: unread fields {:?}",
+                parsed.ignored_fields
+            );
+        }
+        check::<DiskConfig>(&body(
+            DeviceKind::Disk,
+            "path=/d,readonly=on,direct=on,iommu=off,num_queues=2,queue_size=256,id=d0,serial=s,\
+             pci_segment=0,rate_limit_group=g,bw_size=1,bw_refill_time=2,ops_size=3,ops_refill_time=4",
+        ));
+        check::<DiskConfig>(&body(DeviceKind::Disk, "vhost_user=on,socket=/s"));
+        check::<NetConfig>(&body(
+            DeviceKind::Net,
+            "tap=tap0,ip=192.168.249.1,mask=255.255.255.0,mac=12:34:56:78:90:ab,\
+             host_mac=12:34:56:78:90:ac,mtu=1400,iommu=off,num_queues=2,queue_size=256,id=n0,\
+             vhost_user=off,socket=/s,vhost_mode=server,offload_tso=on,offload_ufo=on,offload_csum=on,\
+             pci_segment=0",
+        ));
+        check::<FsConfig>(&body(
+            DeviceKind::Fs,
+            "tag=t,socket=/s,num_queues=1,queue_size=1024,id=f0,pci_segment=0",
+        ));
+        check::<PmemConfig>(&body(
+            DeviceKind::Pmem,
+            "file=/p,size=128M,iommu=off,discard_writes=on,id=p0,pci_segment=0",
+        ));
+        check::<VsockConfig>(&body(
+            DeviceKind::Vsock,
+            "cid=3,socket=/v,iommu=off,id=v0,pci_segment=0",
+        ));
+        check::<DeviceConfig>(&body(
+            DeviceKind::Device,
+            "path=/sys/x,iommu=on,id=x0,pci_segment=0",
+        ));
+        check::<UserDeviceConfig>(&body(
+            DeviceKind::UserDevice,
+            "socket=/u,id=u0,pci_segment=0",
+        ));
+        check::<VdpaConfig>(&body(
+            DeviceKind::Vdpa,
+            "path=/dev/vhost-vdpa-0,num_queues=2,iommu=on,id=v0,pci_segment=0",
+        ));
+        check::<RestoreConfig>(
+            &restore_request(
+                "source_url=file:///s,prefault=on,net_fds=[n0@[3,4]],memory_restore_mode=ondemand,resume=on",
+            )
+            .unwrap()
+            .body,
+        );
+        check::<VmResize>(&resize_body(Some("2"), Some("1G"), Some("0")).unwrap());
+        let call = |args: &[&str]| {
+            let mut full = vec!["trenv-remote", "--api-socket", "/s"];
+            full.extend_from_slice(args);
+            let c = build_call(Cli::try_parse_from(full).unwrap().command).unwrap();
+            serde_json::from_str::<Value>(&c.body.unwrap()).unwrap()
+        };
+        check::<VmResizeZone>(&call(&["resize-zone", "--id", "z", "--size", "1G"]));
+        check::<VmResizeDisk>(&call(&["resize-disk", "--disk", "d", "--size", "1G"]));
+        check::<VmRemoveDevice>(&call(&["remove-device", "d0"]));
+        check::<VmSnapshotConfig>(&call(&["snapshot", "file:///s"]));
+        check::<SendMigrationData>(&call(&["send-migration", "unix:/m"]));
+        check::<ReceiveMigrationData>(&call(&["receive-migration", "unix:/m"]));
     }
 
     #[test]

@@ -36,6 +36,14 @@ pub struct Vmm {
     api: Option<(Receiver<ApiCall>, EventFd)>,
 }
 
+/// The error chain of a response as one line (for the CLI, which has no HTTP client to show it to).
+pub fn response_text(response: &ApiResponse) -> String {
+    match response {
+        ApiResponse::Error { chain, .. } => chain.join(": "),
+        _ => String::new(),
+    }
+}
+
 fn not_created() -> ApiResponse {
     ApiResponse::Error {
         status: 404,

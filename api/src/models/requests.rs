@@ -148,8 +148,8 @@ pub struct VmInfo {
     pub config: VmConfig,
     pub state: VmState,
     /// Bytes of guest RAM currently plugged in (less the balloon).
-    #[serde(default)]
-    pub memory_actual_size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_actual_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_tree: Option<BTreeMap<String, DeviceNode>>,
 }
@@ -215,7 +215,7 @@ mod tests {
         let info = VmInfo {
             config: VmConfig::default(),
             state: VmState::Running,
-            memory_actual_size: 1 << 29,
+            memory_actual_size: Some(1 << 29),
             device_tree: None,
         };
         let v = serde_json::to_value(&info).unwrap();

@@ -53,7 +53,11 @@ impl Dirs {
     /// Flags first, then TRENV_RUN_DIR / TRENV_STATE_DIR, then defaults: /run/trenv and /var/lib/trenv for
     /// root, the XDG runtime and state directories (or /tmp and ~/.local/state) for other users.
     pub fn resolve(run: Option<PathBuf>, state: Option<PathBuf>) -> Dirs {
-        let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let run = run.or_else(|| env("TRENV_RUN_DIR")).unwrap_or_else(|| {
             if is_root() {
                 PathBuf::from("/run/trenv")
@@ -64,19 +68,17 @@ impl Dirs {
                 PathBuf::from(format!("/tmp/trenv-{}", unsafe { libc::getuid() }))
             }
         });
-        let state = state
-            .or_else(|| env("TRENV_STATE_DIR"))
-            .unwrap_or_else(|| {
-                if is_root() {
-                    PathBuf::from("/var/lib/trenv")
-                } else if let Some(xdg) = env("XDG_STATE_HOME") {
-                    xdg.join("trenv")
-                } else if let Some(home) = env("HOME") {
-                    home.join(".local/state/trenv")
-                } else {
-                    PathBuf::from(".trenv-state")
-                }
-            });
+        let state = state.or_else(|| env("TRENV_STATE_DIR")).unwrap_or_else(|| {
+            if is_root() {
+                PathBuf::from("/var/lib/trenv")
+            } else if let Some(xdg) = env("XDG_STATE_HOME") {
+                xdg.join("trenv")
+            } else if let Some(home) = env("HOME") {
+                home.join(".local/state/trenv")
+            } else {
+                PathBuf::from(".trenv-state")
+            }
+        });
         Dirs { run, state }
     }
 

@@ -26,12 +26,18 @@ pub fn check_config(config: &Value, source: &Path) -> Result<(), CtlError> {
             reason: "expected a JSON object (a VmConfig)".into(),
         });
     }
-    serde_json::from_value::<api::models::VmConfig>(config.clone()).map_err(|e| {
-        CtlError::BadConfig {
+    let parsed = api::models::from_json::<api::models::VmConfig>(config.to_string().as_bytes())
+        .map_err(|e| CtlError::BadConfig {
             path: source.to_path_buf(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
+    if !parsed.ignored_fields.is_empty() {
+        eprintln!(
+            "warning: {}: fields trenv does not understand (kept, ignored): {}",
+            source.display(),
+            parsed.ignored_fields.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -45,9 +51,9 @@ pub fn parse_definition_file(path: &Path, name: Option<&str>) -> Result<Definiti
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let wrapped = value
-        .as_object()
-        .filter(|o| o.contains_key("config") && o.len() <= 2 && o.keys().all(|k| k == "name" || k == "config"));
+    let wrapped = value.as_object().filter(|o| {
+        o.contains_key("config") && o.len() <= 2 && o.keys().all(|k| k == "name" || k == "config")
+    });
     let (file_name, config) = match wrapped {
         Some(o) => {
             let file_name = match o.get("name") {
@@ -87,7 +93,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp.{}",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let result = (|| {
