@@ -110,9 +110,15 @@ impl Connection {
         self.stream
             .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
         let mut chunk = [0u8; 8192];
-        let received = match scm::recv_with_fds(self.stream.as_raw_fd(), &mut chunk, &mut self.fds) {
+        let received = match scm::recv_with_fds(self.stream.as_raw_fd(), &mut chunk, &mut self.fds)
+        {
             Ok(r) => r,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(ReadError::Idle)
             }
             Err(e) => return Err(e.into()),
@@ -288,7 +294,10 @@ pub fn format_response(
     allow: Option<&str>,
     keep_alive: bool,
 ) -> Vec<u8> {
-    let mut out = format!("HTTP/1.1 {status} {}\r\nServer: trenv\r\n", reason_phrase(status));
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nServer: trenv\r\n",
+        reason_phrase(status)
+    );
     if let Some(allow) = allow {
         out.push_str(&format!("Allow: {allow}\r\n"));
     }
@@ -305,4 +314,106 @@ pub fn format_response(
         out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     }
     out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+    use std::net::Shutdown;
+
+    fn quick() -> Limits {
+        Limits {
+            request_timeout: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        }
+    }
+
+    /// Feeds `bytes` to a connection (then end of stream) and reads requests until it gives up.
+    fn read_all(bytes: &[u8]) -> (Vec<Request>, ReadError) {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client.write_all(bytes).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut conn = Connection::new(server, quick());
+        let mut requests = Vec::new();
+        loop {
+            match conn.read_request() {
+                Ok(r) => requests.push(r),
+                Err(e) => return (requests, e),
+            }
+        }
+    }
+
+    #[test]
+    fn reads_pipelined_requests_and_bodies() {
+        let (reqs, end) = read_all(
+            b"PUT /api/v1/vm.create HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}GET /api/v1/vm.info HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(matches!(end, ReadError::Closed));
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(
+            (reqs[0].method.as_str(), reqs[0].body.as_slice()),
+            ("PUT", &b"{}"[..])
+        );
+        assert!(reqs[0].keep_alive);
+        assert_eq!(reqs[1].target, "/api/v1/vm.info");
+        assert!(!reqs[1].keep_alive);
+    }
+
+    #[test]
+    fn absolute_form_targets_are_reduced_to_the_path() {
+        let (reqs, _) = read_all(b"GET http://localhost/api/v1/vm.info HTTP/1.1\r\n\r\n");
+        assert_eq!(reqs[0].target, "/api/v1/vm.info");
+    }
+
+    #[test]
+    fn truncated_requests_end_quietly() {
+        let (reqs, end) =
+            read_all(b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 10\r\n\r\n{");
+        assert!(reqs.is_empty());
+        assert!(matches!(end, ReadError::Closed));
+    }
+
+    #[test]
+    fn responses_are_framed() {
+        let r = String::from_utf8(format_response(204, None, None, true)).unwrap();
+        assert_eq!(r, "HTTP/1.1 204 No Content\r\nServer: trenv\r\n\r\n");
+        let r =
+            String::from_utf8(format_response(405, Some("[\"x\"]"), Some("PUT"), false)).unwrap();
+        assert!(r.contains("Allow: PUT\r\n"));
+        assert!(r.contains("Connection: close\r\n"));
+        assert!(r.ends_with("Content-Length: 5\r\n\r\n[\"x\"]"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let (_, end) = read_all(&bytes);
+            if let ReadError::Reply(status, _) = end {
+                prop_assert!([400, 408, 411, 413, 431].contains(&status), "{}", status);
+            }
+        }
+
+        #[test]
+        fn mangled_requests_never_panic(
+            head in "(GET|PUT|POST) /api/v1/[a-z.-]{0,12} HTTP/1\\.[01]\r\n",
+            headers in prop::collection::vec("[A-Za-z-]{1,16}: [ -~]{0,24}\r\n", 0..6),
+            body in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = head.into_bytes();
+            for h in headers {
+                bytes.extend_from_slice(h.as_bytes());
+            }
+            bytes.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+            bytes.extend_from_slice(&body);
+            let (reqs, _) = read_all(&bytes);
+            for r in reqs {
+                prop_assert!(r.body.len() <= body.len());
+            }
+        }
+    }
 }

@@ -21,7 +21,11 @@ fn cmsg_space(fd_count: usize) -> usize {
 
 /// Receives into `buf`, appending any fds that came along to `fds` (with close-on-exec set). Blocks
 /// subject to the socket's receive timeout; EINTR is retried.
-pub fn recv_with_fds(socket: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<Received> {
+pub fn recv_with_fds(
+    socket: RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<Received> {
     // u64 elements give the control buffer the alignment cmsghdr needs.
     let mut control = vec![0u64; cmsg_space(MAX_FDS_PER_MESSAGE).div_ceil(8)];
     let mut iov = libc::iovec {
@@ -116,14 +120,7 @@ pub fn send_with_fds(socket: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<us
 pub fn send_all(socket: RawFd, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         // SAFETY: data is a valid slice for the length given.
-        let n = unsafe {
-            libc::send(
-                socket,
-                data.as_ptr().cast(),
-                data.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
+        let n = unsafe { libc::send(socket, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -150,7 +147,8 @@ mod tests {
     fn fds_travel_with_the_bytes() {
         let (a, b) = UnixStream::pair().unwrap();
         let (mut p1, p2) = UnixStream::pair().unwrap();
-        let sent = send_with_fds(a.as_raw_fd(), b"hello", &[p2.as_raw_fd(), p2.as_raw_fd()]).unwrap();
+        let sent =
+            send_with_fds(a.as_raw_fd(), b"hello", &[p2.as_raw_fd(), p2.as_raw_fd()]).unwrap();
         assert_eq!(sent, 5);
         let mut buf = [0u8; 16];
         let mut fds = Vec::new();

@@ -37,6 +37,12 @@ pub enum ApiSocketSpec {
 
 /// Parses `--api-socket` values: `PATH`, `path=PATH`, `fd=N`.
 pub fn parse_api_socket(s: &str) -> Result<ApiSocketSpec, String> {
+    // Cloud Hypervisor reads this as a k=v list: a comma would mean a second (conflicting) option.
+    if s.contains(',') {
+        return Err(format!(
+            "--api-socket '{s}': give one of PATH, path=PATH or fd=N"
+        ));
+    }
     if let Some(path) = s.strip_prefix("path=") {
         if path.is_empty() {
             return Err("--api-socket path= needs a path".into());
@@ -46,13 +52,15 @@ pub fn parse_api_socket(s: &str) -> Result<ApiSocketSpec, String> {
     if let Some(fd) = s.strip_prefix("fd=") {
         return match fd.parse::<RawFd>() {
             Ok(n) if n >= 0 => Ok(ApiSocketSpec::Fd(n)),
-            _ => Err(format!("--api-socket fd={fd}: expected a file descriptor number")),
+            _ => Err(format!(
+                "--api-socket fd={fd}: expected a file descriptor number"
+            )),
         };
     }
     if s.is_empty() {
         return Err("--api-socket needs a path, path=PATH or fd=N".into());
     }
-    if s.contains(',') || (s.contains('=') && !s.contains('/')) {
+    if s.contains('=') && !s.contains('/') {
         return Err(format!(
             "--api-socket '{s}': expected PATH, path=PATH or fd=N"
         ));
@@ -182,6 +190,20 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
+/// Replies the VMM has produced that are not yet written back to their clients.
+static REPLIES_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Waits (at most `timeout`) until every reply the VMM has handed back has been written to its client, so
+/// that a VMM exiting after `vmm.shutdown` does not cut off its own 204.
+pub fn wait_for_replies(timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while REPLIES_IN_FLIGHT.load(std::sync::atomic::Ordering::Acquire) > 0
+        && std::time::Instant::now() < deadline
+    {
+        thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
 fn serve_connection(stream: UnixStream, slot: Slot) {
     let shared = &slot.0;
     let _ = stream.set_write_timeout(Some(shared.limits.request_timeout));
@@ -191,6 +213,7 @@ fn serve_connection(stream: UnixStream, slot: Slot) {
             Ok(request) => {
                 let keep_alive = request.keep_alive;
                 let target = request.target.clone();
+                REPLIES_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 let response = dispatch(shared, request);
                 let allow = (response.status() == 405)
                     .then(|| router::allowed_methods(&target))
@@ -201,7 +224,9 @@ fn serve_connection(stream: UnixStream, slot: Slot) {
                     allow.as_deref(),
                     keep_alive,
                 );
-                if scm::send_all(conn.stream().as_raw_fd(), &bytes).is_err() || !keep_alive {
+                let sent = scm::send_all(conn.stream().as_raw_fd(), &bytes);
+                REPLIES_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                if sent.is_err() || !keep_alive {
                     return;
                 }
             }
@@ -224,15 +249,11 @@ fn serve_connection(stream: UnixStream, slot: Slot) {
 }
 
 fn dispatch(shared: &Shared, request: Request) -> ApiResponse {
-    let api_request = match router::route(
-        &request.method,
-        &request.target,
-        &request.body,
-        request.fds,
-    ) {
-        Ok(r) => r,
-        Err(response) => return response,
-    };
+    let api_request =
+        match router::route(&request.method, &request.target, &request.body, request.fds) {
+            Ok(r) => r,
+            Err(response) => return response,
+        };
     let endpoint = api_request.endpoint();
     let (reply, answer) = channel();
     let call = ApiCall {
@@ -269,7 +290,15 @@ mod tests {
             ApiSocketSpec::Path("/run/x.sock".into())
         );
         assert_eq!(parse_api_socket("fd=3").unwrap(), ApiSocketSpec::Fd(3));
-        for bad in ["", "fd=", "fd=-1", "fd=x", "path=", "socket=3", "path=/a,fd=3"] {
+        for bad in [
+            "",
+            "fd=",
+            "fd=-1",
+            "fd=x",
+            "path=",
+            "socket=3",
+            "path=/a,fd=3",
+        ] {
             assert!(parse_api_socket(bad).is_err(), "{bad}");
         }
     }

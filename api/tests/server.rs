@@ -9,7 +9,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use api::client::ApiClient;
-use api::models::{VmmPingResponse, VmState};
+use api::models::{VmState, VmmPingResponse};
 use api::router::{ApiRequest, ApiResponse};
 use api::server::{self, ApiCall, ApiSocketSpec, Limits};
 use serde_json::json;
@@ -188,7 +188,10 @@ fn requests_need_no_content_type() {
 fn keep_alive_serves_three_requests_on_one_connection() {
     let s = serve(Limits::default());
     let mut c = connect(&s);
-    let r = exchange(&mut c, b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let r = exchange(
+        &mut c,
+        b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
     assert_eq!(r.status, 404);
     assert_eq!(r.body, r#"["VM is not created"]"#);
     let body = br#"{"payload":{"kernel":"/k"},"memory":{"size":268435456}}"#;
@@ -196,8 +199,14 @@ fn keep_alive_serves_three_requests_on_one_connection() {
         "PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    assert_eq!(exchange(&mut c, &[head.as_bytes(), body].concat()).status, 204);
-    let r = exchange(&mut c, b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(
+        exchange(&mut c, &[head.as_bytes(), body].concat()).status,
+        204
+    );
+    let r = exchange(
+        &mut c,
+        b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
     assert_eq!(r.status, 200);
     assert_eq!(r.body, r#"{"state":"Created"}"#);
     assert_eq!(r.header("connection"), None);

@@ -12,6 +12,11 @@
 //! | 0x08 | u64 | R/W | argument for the next event; byte-wise writes merge, reads return it |
 //! | 0x10 | u32 | W   | event code: emits `(code, argument, host time)` and clears the argument; reads 0 |
 //! | 0x18 | u64 | R   | host CLOCK_MONOTONIC in ns |
+//! | 0x20 | u64 | R   | VM generation ID, low half (changes on every restore from a template; 0 on a cold boot) |
+//! | 0x28 | u64 | R   | VM generation ID, high half |
+//!
+//! The generation ID is the same 128-bit value the VMM puts in the ACPI VMGenID buffer for Linux guests:
+//! a guest that sees it change knows it is a new clone and must reseed RNGs and renew identities.
 //!
 //! The clock is sampled by a read that starts at 0x18 and latched; reads starting at 0x19..0x20 return
 //! bytes of the latched value. So a guest without 64-bit MMIO reads 0x18 then 0x1c and gets one coherent
@@ -32,7 +37,9 @@ pub const REG_VERSION: u64 = 0x04;
 pub const REG_ARG: u64 = 0x08;
 pub const REG_EVENT: u64 = 0x10;
 pub const REG_CLOCK: u64 = 0x18;
-const REGS_END: u64 = 0x20;
+pub const REG_GENERATION_LO: u64 = 0x20;
+pub const REG_GENERATION_HI: u64 = 0x28;
+const REGS_END: u64 = 0x30;
 
 /// Event codes a guest writes to [`REG_EVENT`].
 pub mod event {
@@ -85,6 +92,7 @@ pub fn monotonic_ns() -> u64 {
 pub struct GuestSignalDevice {
     arg: u64,
     clock_latch: u64,
+    generation: u128,
     sink: Box<dyn FnMut(GuestEvent) + Send>,
 }
 
@@ -94,8 +102,18 @@ impl GuestSignalDevice {
         Self {
             arg: 0,
             clock_latch: 0,
+            generation: 0,
             sink,
         }
+    }
+
+    /// Sets the VM generation ID the guest reads (on restore from a template).
+    pub fn set_generation(&mut self, generation: u128) {
+        self.generation = generation;
+    }
+
+    pub fn generation(&self) -> u128 {
+        self.generation
     }
 
     fn register_image(&self) -> [u8; REGS_END as usize] {
@@ -104,6 +122,7 @@ impl GuestSignalDevice {
         regs[0x04..0x08].copy_from_slice(&VERSION.to_le_bytes());
         regs[0x08..0x10].copy_from_slice(&self.arg.to_le_bytes());
         regs[0x18..0x20].copy_from_slice(&self.clock_latch.to_le_bytes());
+        regs[0x20..0x30].copy_from_slice(&self.generation.to_le_bytes());
         regs
     }
 }
@@ -241,6 +260,10 @@ mod tests {
     fn clock_reads_are_monotonic_and_latched_for_split_reads() {
         let (mut dev, _) = device();
         let host = monotonic_ns();
+        assert_eq!(read_u64(&mut dev, REG_GENERATION_LO), 0);
+        dev.set_generation(0x0102_0304_0506_0708_1112_1314_1516_1718);
+        assert_eq!(read_u64(&mut dev, REG_GENERATION_LO), 0x1112_1314_1516_1718);
+        assert_eq!(read_u64(&mut dev, REG_GENERATION_HI), 0x0102_0304_0506_0708);
         let t1 = read_u64(&mut dev, REG_CLOCK);
         let t2 = read_u64(&mut dev, REG_CLOCK);
         assert!(host <= t1 && t1 <= t2);

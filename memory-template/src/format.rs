@@ -379,8 +379,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, TemplateError> {
     if let Err(source) = probe {
         return Err(TemplateError::CorruptManifest { source });
     }
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|source| TemplateError::CorruptManifest { source })?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|source| TemplateError::CorruptManifest { source })?;
     manifest.validate()?;
     Ok(manifest)
 }
@@ -448,7 +448,10 @@ pub fn verify_state(dir: &Path, manifest: &Manifest) -> Result<Vec<u8>, Template
 }
 
 /// Reads the working set (guest physical page addresses), checking its size and SHA-256.
-pub fn read_working_set(dir: &Path, manifest: &Manifest) -> Result<Option<Vec<u64>>, TemplateError> {
+pub fn read_working_set(
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<Option<Vec<u64>>, TemplateError> {
     let Some(entry) = &manifest.working_set else {
         return Ok(None);
     };
@@ -595,13 +598,19 @@ mod tests {
     fn validate_rejects_escaping_file_names_and_overlaps() {
         let mut m = sample();
         m.regions[0].file = "../etc/passwd".into();
-        assert!(matches!(m.validate(), Err(TemplateError::InvalidManifest(_))));
+        assert!(matches!(
+            m.validate(),
+            Err(TemplateError::InvalidManifest(_))
+        ));
         let mut m = sample();
         let mut r = m.regions[0].clone();
         r.guest_addr = 4096;
         r.file = "mem-1.img".into();
         m.regions.push(r);
-        assert!(matches!(m.validate(), Err(TemplateError::InvalidManifest(_))));
+        assert!(matches!(
+            m.validate(),
+            Err(TemplateError::InvalidManifest(_))
+        ));
         assert!(sample().validate().is_ok());
     }
 }

@@ -90,7 +90,7 @@ impl fmt::Display for RestoreMode {
 fn check_args(file: Option<&File>, len: usize, fixed: Option<*mut u8>) -> Result<(), ImageError> {
     let page = util::host_page_size().max(IMAGE_PAGE);
     let addr = fixed.map(|p| p as usize).unwrap_or(0);
-    if len == 0 || len % page != 0 || addr % page != 0 {
+    if len == 0 || !len.is_multiple_of(page) || !addr.is_multiple_of(page) {
         return Err(ImageError::Unaligned { addr, len });
     }
     if let Some(file) = file {
@@ -183,7 +183,10 @@ pub unsafe fn map_copy(
 ///
 /// # Safety
 /// As for `map_cow`.
-pub unsafe fn map_anonymous(len: usize, fixed_addr: Option<*mut u8>) -> Result<*mut u8, ImageError> {
+pub unsafe fn map_anonymous(
+    len: usize,
+    fixed_addr: Option<*mut u8>,
+) -> Result<*mut u8, ImageError> {
     check_args(None, len, fixed_addr)?;
     // SAFETY: fixed ranges are vouched for by our caller.
     unsafe { mmap(fixed_addr, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1) }
@@ -197,8 +200,9 @@ unsafe fn fill_from_image(file: &File, dst: *mut u8, len: usize) -> Result<(), I
     let segments = util::data_segments(file, len as u64).map_err(ImageError::Read)?;
     for (start, end) in segments {
         // SAFETY: `[start, end)` lies within `[0, len)` (data_segments clamps to len).
-        let buf =
-            unsafe { std::slice::from_raw_parts_mut(dst.add(start as usize), (end - start) as usize) };
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(dst.add(start as usize), (end - start) as usize)
+        };
         util::read_exact_at(file, buf, start).map_err(ImageError::Read)?;
     }
     Ok(())
@@ -290,7 +294,10 @@ mod tests {
 
     #[test]
     fn modes_parse() {
-        assert_eq!("OnDemand".parse::<RestoreMode>().unwrap(), RestoreMode::OnDemand);
+        assert_eq!(
+            "OnDemand".parse::<RestoreMode>().unwrap(),
+            RestoreMode::OnDemand
+        );
         assert_eq!(
             serde_json::from_str::<RestoreMode>("\"Copy\"").unwrap(),
             RestoreMode::Copy

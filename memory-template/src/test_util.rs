@@ -1,16 +1,34 @@
 //! Helpers for the unit tests.
 
-use std::path::PathBuf;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
 
-/// A fresh, empty directory for one test (under the system temp dir; removed when the test passes).
-pub fn scratch_dir(name: &str) -> PathBuf {
+/// A fresh, empty directory for one test under the system temp dir, removed on drop (open files in it
+/// stay usable: unlinking does not revoke them).
+pub struct ScratchDir(PathBuf);
+
+impl Deref for ScratchDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn scratch_dir(name: &str) -> ScratchDir {
     let dir = std::env::temp_dir().join(format!(
         "trenv-mt-{name}-{}-{}",
         std::process::id(),
         crate::util::random_hex(4)
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    ScratchDir(dir)
 }
 
 /// An anonymous private mapping owned by a test.
@@ -50,5 +68,11 @@ impl Drop for AnonRegion {
     fn drop(&mut self) {
         // SAFETY: the mapping was created by anon_region and is not used after drop.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
     }
 }

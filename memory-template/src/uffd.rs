@@ -37,7 +37,11 @@ const UFFDIO_REGISTER: u64 = ioc(
     std::mem::size_of::<UffdioRegister>(),
 );
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, std::mem::size_of::<UffdioRange>());
-const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_COPY: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x03,
+    std::mem::size_of::<UffdioCopy>(),
+);
 const UFFDIO_ZEROPAGE: u64 = ioc(
     IOC_READ | IOC_WRITE,
     0x04,
@@ -266,7 +270,7 @@ impl OnDemandServer {
         let mut ranges = Vec::with_capacity(sources.len());
         for s in sources {
             let host = s.host as usize;
-            if s.len == 0 || host % page != 0 || s.len % page != 0 {
+            if s.len == 0 || !host.is_multiple_of(page) || s.len % page != 0 {
                 return Err(UffdError::Unaligned { host, len: s.len });
             }
             let mut reg = UffdioRegister {
@@ -301,9 +305,7 @@ impl OnDemandServer {
         }
         // SAFETY: a fresh fd we now own.
         let stop = unsafe { OwnedFd::from_raw_fd(stop) };
-        let stop_fd = stop
-            .try_clone()
-            .map_err(UffdError::EventFd)?;
+        let stop_fd = stop.try_clone().map_err(UffdError::EventFd)?;
         let counters = Arc::new(Counters::default());
         let mut handler = Handler {
             uffd,
@@ -411,15 +413,20 @@ struct Handler {
 
 impl Handler {
     fn run(&mut self, options: OnDemandOptions) {
+        let fill = options.background_fill;
         let mut background = self.background_work(options);
         let mut next = 0usize;
+        let mut drained = false;
         let mut msgs = [0u8; UFFD_MSG_SIZE * 16];
         loop {
             let idle = next >= background.len();
-            if idle && !self.counters.complete.load(Ordering::Relaxed) {
+            if idle && !drained {
+                drained = true;
                 background = Vec::new();
                 next = 0;
-                self.counters.complete.store(true, Ordering::Release);
+                if fill {
+                    self.counters.complete.store(true, Ordering::Release);
+                }
             }
             let mut fds = [
                 libc::pollfd {
@@ -487,9 +494,10 @@ impl Handler {
     fn background_work(&self, options: OnDemandOptions) -> Vec<(usize, bool)> {
         let mut work = Vec::new();
         for key in options.prefetch.unwrap_or_default() {
-            let found = self.ranges.iter().find(|r| {
-                key >= r.key && key - r.key < r.len as u64
-            });
+            let found = self
+                .ranges
+                .iter()
+                .find(|r| key >= r.key && key - r.key < r.len as u64);
             if let Some(r) = found {
                 let off = (key - r.key) as usize / self.page * self.page;
                 work.push((r.host + off, true));
@@ -601,7 +609,13 @@ impl Handler {
                 ioctl(fd, UFFDIO_COPY, &mut c)
             };
             match result {
-                Ok(()) => return Ok(if zero { Populated::Zero } else { Populated::Copied }),
+                Ok(()) => {
+                    return Ok(if zero {
+                        Populated::Zero
+                    } else {
+                        Populated::Copied
+                    })
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                     // A failed COPY does not wake waiters; someone may be blocked on this page.
                     let mut range = UffdioRange {
@@ -693,8 +707,9 @@ mod tests {
         // SAFETY: as above.
         let s = unsafe { std::slice::from_raw_parts(mem.ptr, LEN) };
         assert_eq!(s, &expect[..]);
+        // The counters are bumped just after the faulting thread is woken.
+        wait_for(&server, |s| s.faults_served == (LEN / 4096) as u64);
         let stats = server.stats();
-        assert_eq!(stats.faults_served, (LEN / 4096) as u64);
         // Every odd page is a hole in the image: served as a zero page.
         assert_eq!(stats.zero_faults, (LEN / 4096 / 2) as u64);
         // Writes after population are ordinary private memory.
@@ -735,6 +750,7 @@ mod tests {
         let s = unsafe { std::slice::from_raw_parts(mem.ptr, LEN) };
         assert_eq!(s, &expect[..]);
         // Only hole pages faulted.
+        wait_for(&server, |s| s.faults_served >= (LEN / 4096 / 2) as u64);
         assert_eq!(server.stats().faults_served, (LEN / 4096 / 2) as u64);
     }
 

@@ -25,7 +25,9 @@ pub enum WriterError {
         #[source]
         source: io::Error,
     },
-    #[error("invalid template name {0:?}: use letters, digits, '.', '_' and '-', not starting with '.'")]
+    #[error(
+        "invalid template name {0:?}: use letters, digits, '.', '_' and '-', not starting with '.'"
+    )]
     InvalidName(String),
     #[error("{} already exists", path.display())]
     Exists { path: PathBuf },
@@ -144,7 +146,10 @@ impl TemplateWriter {
         len: usize,
     ) -> Result<RegionImage, WriterError> {
         let page = util::host_page_size().max(IMAGE_PAGE);
-        if len == 0 || len % page != 0 || host as usize % page != 0 || guest_addr % page as u64 != 0
+        if len == 0
+            || !len.is_multiple_of(page)
+            || !(host as usize).is_multiple_of(page)
+            || !guest_addr.is_multiple_of(page as u64)
         {
             return Err(WriterError::Unaligned {
                 guest_addr,
@@ -163,7 +168,8 @@ impl TemplateWriter {
         let flush = |run: (usize, usize)| -> Result<(), WriterError> {
             // SAFETY: the run lies inside the caller-guaranteed readable range.
             let bytes = unsafe { std::slice::from_raw_parts(host.add(run.0), run.1 - run.0) };
-            file.write_all_at(bytes, run.0 as u64).map_err(io_err(&path))
+            file.write_all_at(bytes, run.0 as u64)
+                .map_err(io_err(&path))
         };
         let pages = len / page;
         for p in 0..pages {
@@ -386,7 +392,8 @@ mod tests {
             let region = unsafe { w.write_region(0x10_0000, mem.ptr, len) }.unwrap();
             assert_eq!(region.data_pages, 3);
             w.write_state(b"{\"vcpus\":[]}").unwrap();
-            w.write_working_set(&[0x10_3000, 0x10_0000, 0x10_0010]).unwrap();
+            w.write_working_set(&[0x10_3000, 0x10_0000, 0x10_0010])
+                .unwrap();
             let path = w.finish(ManifestDraft::default()).unwrap();
             assert_eq!(path, dir.join(name));
             digests.push(region.digest);
@@ -416,9 +423,11 @@ mod tests {
         verify_images_full(&t, &m).unwrap();
         let ws = crate::format::read_working_set(&t, &m).unwrap().unwrap();
         assert_eq!(ws, vec![0x10_0000, 0x10_3000]);
-        assert!(!std::fs::read_dir(&dir)
+        assert!(!std::fs::read_dir(&dir).unwrap().any(|e| e
             .unwrap()
-            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".tmp")));
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".tmp")));
     }
 
     #[test]
@@ -436,7 +445,8 @@ mod tests {
         f.set_len(len as u64).unwrap();
         f.write_all_at(b"from the file", 5 * 4096).unwrap();
         // A private file mapping never touched: its pages are not present in this process.
-        let ptr = crate::image::map_cow(&f, len, None).unwrap();
+        // SAFETY: a fresh mapping, unmapped at the end of the test.
+        let ptr = unsafe { crate::image::map_cow(&f, len, None) }.unwrap();
         let mut w = TemplateWriter::create(&dir, "t").unwrap();
         w.set_durable(false);
         // SAFETY: mapped above, nobody writes it.

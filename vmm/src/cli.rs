@@ -148,6 +148,10 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
         }
     }
     let exit = vmm.run();
+    if serving_api {
+        // The reply to vmm.shutdown (or any last request) must reach its client before the process ends.
+        api::server::wait_for_replies(std::time::Duration::from_secs(1));
+    }
     let uptime_ms = (event_monitor::monotonic_ns().saturating_sub(start_ns)) as f64 / 1e6;
     match exit {
         VmmExit::Guest(reason) => {

@@ -53,6 +53,7 @@ pub struct DeviceManager {
     /// None when the serial console is `off`.
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
     pub exit: ExitNotifier,
+    pub guest_signal: Arc<Mutex<GuestSignalDevice>>,
     /// Guest milestones in arrival order, for the VMM's own reporting (boot time, ready).
     pub guest_events: Arc<Mutex<Vec<GuestEvent>>>,
 }
@@ -153,8 +154,9 @@ impl DeviceManager {
                 }
             }
         }));
+        let guest_signal = Arc::new(Mutex::new(signal));
         mmio.insert(
-            Arc::new(Mutex::new(signal)),
+            guest_signal.clone(),
             layout::GUEST_SIGNAL_START,
             layout::GUEST_SIGNAL_SIZE,
         )?;
@@ -165,6 +167,7 @@ impl DeviceManager {
             ioapic,
             serial,
             exit,
+            guest_signal,
             guest_events,
         })
     }

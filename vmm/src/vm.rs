@@ -107,17 +107,17 @@ pub fn open_kvm() -> Result<Kvm> {
 }
 
 pub struct Vm {
-    config: VmConfig,
-    kvm: Kvm,
-    vm_fd: Arc<VmFd>,
-    memory: GuestMemoryMmap,
-    devices: DeviceManager,
-    base_cpuid: CpuId,
-    vcpus: Vec<Arc<Mutex<Vcpu>>>,
-    threads: Vec<JoinHandle<()>>,
-    shared: VcpuShared,
+    pub(crate) config: VmConfig,
+    pub(crate) kvm: Kvm,
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) memory: GuestMemoryMmap,
+    pub(crate) devices: DeviceManager,
+    pub(crate) base_cpuid: CpuId,
+    pub(crate) vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    pub(crate) threads: Vec<JoinHandle<()>>,
+    pub(crate) shared: VcpuShared,
     /// KVM's clock when the VM was paused, restored on resume.
-    paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    pub(crate) paused_clock: Option<kvm_bindings::kvm_clock_data>,
     /// When creation began: the origin of the VMM-side boot timings.
     pub created_at: Instant,
 }
@@ -125,12 +125,18 @@ pub struct Vm {
 impl Vm {
     /// Creates every resource of the VM; nothing runs yet and guest memory is still empty.
     pub fn create(kvm: Kvm, config: &VmConfig) -> Result<Vm> {
+        let memory = memory::create_guest_memory(&config.memory)?;
+        Self::create_with_memory(kvm, config, memory)
+    }
+
+    /// Creates every resource of the VM around `memory` (fresh anonymous RAM for a boot, or a template's
+    /// images for a restore).
+    pub fn create_with_memory(kvm: Kvm, config: &VmConfig, memory: GuestMemoryMmap) -> Result<Vm> {
         let created_at = Instant::now();
         let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
 
         // Memory first: a memslot registered before the irqchip exists avoids an expensive SRCU
         // synchronisation in KVM (~7 ms on these hosts, see HOST-FACTS).
-        let memory = memory::create_guest_memory(&config.memory)?;
         memory::register_with_kvm(&vm_fd, &memory)?;
 
         // LAPIC in KVM, IOAPIC in the VMM, no PIC or PIT: far cheaper to create than the full in-kernel
@@ -361,17 +367,27 @@ impl Vm {
         Ok(())
     }
 
-    /// Lets paused vCPU threads run again.
+    /// Lets paused vCPU threads run again (or starts them, for a VM restored paused).
     pub fn resume(&mut self) -> Result<()> {
-        if let Some(mut clock) = self.paused_clock.take() {
-            // Only the time value is restored; the flags describe the reading, not a request.
-            clock.flags = 0;
-            if let Err(e) = self.vm_fd.set_clock(&clock) {
-                log::warn!("cannot restore the KVM clock at resume: {e}");
+        if self.threads.is_empty() {
+            if let Some(clock) = self.paused_clock.take() {
+                self.set_clock(clock);
             }
+            return self.start();
+        }
+        if let Some(clock) = self.paused_clock.take() {
+            self.set_clock(clock);
         }
         self.shared.control.set_request(RunRequest::Run);
         Ok(())
+    }
+
+    pub(crate) fn set_clock(&self, mut clock: kvm_bindings::kvm_clock_data) {
+        // Only the time value is loaded; the flags describe the reading, not a request.
+        clock.flags = 0;
+        if let Err(e) = self.vm_fd.set_clock(&clock) {
+            log::warn!("cannot load the KVM clock: {e}");
+        }
     }
 
     /// Stops and joins every vCPU thread.

@@ -29,7 +29,10 @@ pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<Parsed<T>, serde_j
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let mut ignored_fields = Vec::new();
     let value = serde_ignored::deserialize(&mut de, |path| {
-        ignored_fields.push(path.to_string());
+        // serde_ignored marks `Some` with a `?` segment; users know the field as `disks.0.x`.
+        let path = path.to_string();
+        let segments: Vec<&str> = path.split('.').filter(|s| *s != "?").collect();
+        ignored_fields.push(segments.join("."));
     })?;
     de.end()?;
     Ok(Parsed {

@@ -192,7 +192,10 @@ mod tests {
     #[test]
     fn bdf_format() {
         assert_eq!(PciDeviceInfo::new("_disk2", 0, 0, 5, 0).bdf, "0000:00:05.0");
-        assert_eq!(PciDeviceInfo::new("x", 0x10, 0xab, 0x1f, 7).bdf, "0010:ab:1f.7");
+        assert_eq!(
+            PciDeviceInfo::new("x", 0x10, 0xab, 0x1f, 7).bdf,
+            "0010:ab:1f.7"
+        );
     }
 
     #[test]

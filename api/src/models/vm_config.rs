@@ -578,7 +578,7 @@ impl NetConfig {
             return Err(invalid("net", "vhost_user needs vhost_socket"));
         }
         // One receive and one transmit queue per queue pair.
-        if self.num_queues < 2 || self.num_queues % 2 != 0 {
+        if self.num_queues < 2 || !self.num_queues.is_multiple_of(2) {
             return Err(invalid(
                 "net",
                 format!(
@@ -621,11 +621,7 @@ impl VsockConfig {
         if self.cid < 3 || self.cid >= u32::MAX as u64 {
             return Err(invalid(
                 "vsock",
-                format!(
-                    "cid {} is reserved: use 3 to {}",
-                    self.cid,
-                    u32::MAX - 1
-                ),
+                format!("cid {} is reserved: use 3 to {}", self.cid, u32::MAX - 1),
             ));
         }
         if self.socket.as_os_str().is_empty() {

@@ -34,6 +34,9 @@ impl RawMode {
             }
             let mut raw = saved;
             libc::cfmakeraw(&mut raw);
+            // Keep newline translation on output: guests such as the test guest end lines with a bare
+            // '\n', which would otherwise staircase across the terminal.
+            raw.c_oflag |= libc::OPOST | libc::ONLCR;
             if libc::tcsetattr(fd, libc::TCSANOW, &raw) != 0 {
                 return None;
             }

@@ -1,0 +1,80 @@
+//! PCI: configuration space, a root bus with a host bridge, config access through ECAM and the legacy
+//! 0xCF8/0xCFC ports, MSI-X, and the GSI routing table that MSI-X vectors (and the IOAPIC's pins) are
+//! delivered through.
+//!
+//! There is one segment and one bus (bus 0), function 0 of each slot only. BARs are 32-bit memory BARs
+//! placed by the VMM; a guest may size them (the all-ones protocol) but not move them.
+
+pub mod configuration;
+pub mod msi;
+pub mod msix;
+pub mod root;
+
+use std::fmt;
+
+pub use configuration::{PciBarInfo, PciConfiguration, PciHeader};
+pub use msi::{GsiRoutingBackend, InterruptRouter, IoapicRouteSender, RouterError};
+pub use msix::{MsixConfig, MsixState, MsixTableEntry};
+pub use root::{PciBarBusDevice, PciConfigIo, PciConfigMmio, PciRoot};
+
+/// Bus/device/function of a device on segment 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciBdf {
+    pub bus: u8,
+    pub device: u8,
+    pub function: u8,
+}
+
+impl PciBdf {
+    pub fn new(bus: u8, device: u8, function: u8) -> Self {
+        Self {
+            bus,
+            device,
+            function,
+        }
+    }
+}
+
+/// The form Cloud Hypervisor reports hot-added devices in: `0000:00:05.0`.
+impl fmt::Display for PciBdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "0000:{:02x}:{:02x}.{:x}",
+            self.bus, self.device, self.function
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciError {
+    #[error("PCI slot {0} is already taken")]
+    SlotTaken(u8),
+    #[error("PCI slot {0} is out of range (1..=31)")]
+    InvalidSlot(u8),
+    #[error("no free PCI slot left on bus 0")]
+    NoFreeSlot,
+    #[error("the PCI configuration space has no room for a {0}-byte capability")]
+    CapabilitySpace(usize),
+    #[error("BAR {0} does not exist or is already set")]
+    InvalidBar(usize),
+    #[error("BAR size {0:#x} is not a power of two of at least 16 bytes")]
+    InvalidBarSize(u64),
+}
+
+/// A device function on the PCI bus.
+///
+/// `reg` is a dword index into configuration space (offset / 4); `offset` is the byte within that dword.
+/// All inputs come from the guest: implementations must accept any index, offset and length.
+pub trait PciDevice: Send {
+    fn config_read(&mut self, reg: usize) -> u32;
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]);
+    /// The memory BARs the device decodes, as (index, guest address, size).
+    fn bars(&self) -> Vec<PciBarInfo> {
+        Vec::new()
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
