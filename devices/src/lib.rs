@@ -9,6 +9,8 @@ pub mod exit;
 pub mod guest_signal;
 pub mod ioapic;
 pub mod legacy;
+pub mod pci;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 

@@ -43,6 +43,14 @@
 //! ```
 //!
 //! Instances hold a shared `flock` on `objects/<d>/manifest.json` while they map the template.
+//!
+//! # Restoring
+//!
+//! `image::cow_guest_region` / `copy_guest_region` / `anonymous_guest_region` build
+//! `vm_memory::GuestRegionMmap`s that own their mappings; `image::map_cow` / `map_copy` with a fixed
+//! address swap the RAM behind an existing region in place (same host range, so KVM memslots stay). For
+//! `ondemand`, build anonymous regions and start a `uffd::OnDemandServer` over them, kept alive for as long
+//! as the VM runs (or until its background fill completes).
 
 pub mod format;
 pub mod image;
@@ -54,14 +62,17 @@ pub mod writer;
 mod util;
 
 pub use format::{
-    read_manifest, verify_images_full, verify_images_quick, verify_state, FileDigest, Fingerprint,
-    Manifest, ManifestDraft, RegionImage, TemplateError, FORMAT_VERSION,
+    read_manifest, read_working_set, verify_images_full, verify_images_quick, verify_state,
+    FileDigest, Fingerprint, Manifest, ManifestDraft, RegionImage, TemplateError, FORMAT_VERSION,
 };
-pub use image::{map_copy, map_cow, RestoreMode};
-pub use sharing::{mapping_memory, process_memory, MemoryUsage};
-pub use store::{PublishedTemplate, TemplateLease, TemplateStore, TemplateSummary};
-pub use uffd::{OnDemandServer, OnDemandStats};
-pub use writer::TemplateWriter;
+pub use image::{
+    anonymous_guest_region, copy_guest_region, cow_guest_region, map_anonymous, map_copy, map_cow,
+    ImageError, RestoreMode,
+};
+pub use sharing::{mapping_memory, process_memory, MemoryUsage, SharingError};
+pub use store::{PublishedTemplate, StoreError, TemplateLease, TemplateStore, TemplateSummary};
+pub use uffd::{OnDemandOptions, OnDemandServer, OnDemandSource, OnDemandStats, UffdError};
+pub use writer::{TemplateWriter, WriterError};
 
 #[cfg(test)]
 mod test_util;

@@ -135,12 +135,29 @@ pub struct OnDemandSource {
 }
 
 /// Options for `OnDemandServer::start_sources`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OnDemandOptions {
     /// Pages (keys in the `guest_addr` space of the sources) to populate first.
     pub prefetch: Option<Vec<u64>>,
     /// After the prefetch, populate every remaining data page of the images in the background.
     pub background_fill: bool,
+    /// A fault populates up to this many pages from the faulting one onwards (stopping at the range's end
+    /// or at a page already present): a fault round trip costs ~45 us here, so sequential access gains
+    /// almost this factor. 1 = exactly the faulting page.
+    pub fault_around_pages: usize,
+}
+
+/// Default `fault_around_pages`: 64 KiB, like the kernel's own fault-around for file mappings.
+pub const DEFAULT_FAULT_AROUND_PAGES: usize = 16;
+
+impl Default for OnDemandOptions {
+    fn default() -> Self {
+        OnDemandOptions {
+            prefetch: None,
+            background_fill: false,
+            fault_around_pages: DEFAULT_FAULT_AROUND_PAGES,
+        }
+    }
 }
 
 /// Counters of a running server.
@@ -247,7 +264,7 @@ impl OnDemandServer {
             sources,
             OnDemandOptions {
                 prefetch,
-                background_fill: false,
+                ..Default::default()
             },
         )
     }
@@ -312,7 +329,9 @@ impl OnDemandServer {
             stop: stop_fd,
             ranges,
             page,
-            buf: PageBuf::new(page).map_err(UffdError::Thread)?,
+            window: options.fault_around_pages.clamp(1, 512),
+            buf: PageBuf::new(page * options.fault_around_pages.clamp(1, 512))
+                .map_err(UffdError::Thread)?,
             counters: Arc::clone(&counters),
         };
         let thread = std::thread::Builder::new()
@@ -407,6 +426,8 @@ struct Handler {
     stop: OwnedFd,
     ranges: Vec<Range>,
     page: usize,
+    /// Pages populated per fault (fault-around).
+    window: usize,
     buf: PageBuf,
     counters: Arc<Counters>,
 }
@@ -466,7 +487,7 @@ impl Handler {
             }
             let end = (next + PREFETCH_BATCH).min(background.len());
             for &(host, prefetch) in &background[next..end] {
-                match self.populate(host) {
+                match self.populate(host, 1) {
                     Ok(Populated::Copied) | Ok(Populated::Zero) => {
                         let counter = if prefetch {
                             &self.counters.pages_prefetched
@@ -553,7 +574,7 @@ impl Handler {
                 }
                 let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap_or_default()) as usize;
                 let page = addr / self.page * self.page;
-                match self.populate(page) {
+                match self.populate(page, self.window) {
                     Ok(kind) => {
                         self.counters.faults_served.fetch_add(1, Ordering::Relaxed);
                         if matches!(kind, Populated::Zero) {
@@ -571,8 +592,10 @@ impl Handler {
         }
     }
 
-    /// Fills the page at host address `page` from its image (or with zeros), waking any faulting thread.
-    fn populate(&mut self, page: usize) -> io::Result<Populated> {
+    /// Fills up to `pages` pages from host address `page` onwards (within its range) from the image, or
+    /// with zero pages when they are all zero, waking any faulting thread. The first page is always
+    /// resolved; the others only up to the first page already present.
+    fn populate(&mut self, page: usize, pages: usize) -> io::Result<Populated> {
         let Some(range) = self
             .ranges
             .iter()
@@ -583,44 +606,48 @@ impl Handler {
                 "address outside the served ranges",
             ));
         };
+        let len = (pages * self.page).min(range.host + range.len - page);
         let offset = range.file_offset + (page - range.host) as u64;
-        let buf = self.buf.as_mut_slice();
+        let buf = &mut self.buf.as_mut_slice()[..len];
         range.file.read_exact_at(buf, offset)?;
         let zero = util::is_zero(buf);
         let fd = self.uffd.as_raw_fd();
-        let page_len = self.page as u64;
         for _ in 0..64 {
-            let result = if zero {
+            // Bytes populated (from `page` on) when the ioctl fails part-way.
+            let (result, done) = if zero {
                 let mut z = UffdioZeropage {
                     range: UffdioRange {
                         start: page as u64,
-                        len: page_len,
+                        len: len as u64,
                     },
                     ..Default::default()
                 };
-                ioctl(fd, UFFDIO_ZEROPAGE, &mut z)
+                let r = ioctl(fd, UFFDIO_ZEROPAGE, &mut z);
+                (r, z.zeropage)
             } else {
                 let mut c = UffdioCopy {
                     dst: page as u64,
                     src: self.buf.ptr as u64,
-                    len: page_len,
+                    len: len as u64,
                     ..Default::default()
                 };
-                ioctl(fd, UFFDIO_COPY, &mut c)
+                let r = ioctl(fd, UFFDIO_COPY, &mut c);
+                (r, c.copy)
+            };
+            let kind = if zero {
+                Populated::Zero
+            } else {
+                Populated::Copied
             };
             match result {
-                Ok(()) => {
-                    return Ok(if zero {
-                        Populated::Zero
-                    } else {
-                        Populated::Copied
-                    })
-                }
+                Ok(()) => return Ok(kind),
+                // A partial fill (it stopped at a page already present) covered `page` and woke it.
+                Err(_) if done >= self.page as i64 => return Ok(kind),
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    // A failed COPY does not wake waiters; someone may be blocked on this page.
+                    // A failed fill does not wake waiters; someone may be blocked on this page.
                     let mut range = UffdioRange {
                         start: page as u64,
-                        len: page_len,
+                        len: self.page as u64,
                     };
                     ioctl(fd, UFFDIO_WAKE, &mut range)?;
                     return Ok(Populated::Exists);
@@ -690,11 +717,28 @@ mod tests {
         }
     }
 
+    fn serve(file: File, mem: &crate::test_util::AnonRegion, window: usize) -> OnDemandServer {
+        OnDemandServer::start_sources(
+            vec![OnDemandSource {
+                file: Arc::new(file),
+                host: mem.ptr,
+                len: mem.len,
+                file_offset: 0,
+                guest_addr: 0,
+            }],
+            OnDemandOptions {
+                fault_around_pages: window,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
     #[test]
     fn faults_are_served_from_the_image() {
         let (file, expect) = image();
         let mem = anon_region(LEN);
-        let server = OnDemandServer::start(file, vec![(mem.ptr, LEN, 0)], None).unwrap();
+        let server = serve(file, &mem, 1);
         let addr = mem.ptr as usize;
         // Touch from a thread other than the handler (and from this one, below).
         let reader = std::thread::spawn(move || {
@@ -720,6 +764,30 @@ mod tests {
     }
 
     #[test]
+    fn fault_around_populates_following_pages() {
+        let (file, expect) = image();
+        let mem = anon_region(LEN);
+        // Page 5 first, so a later window starting at page 0 stops early at it (partial fill).
+        mem.write(5 * 4096, b"guest");
+        let server = serve(file, &mem, DEFAULT_FAULT_AROUND_PAGES);
+        // SAFETY: the mapping lives until the end of the test.
+        let s = unsafe { std::slice::from_raw_parts(mem.ptr, LEN) };
+        let mut want = expect.clone();
+        want[5 * 4096..5 * 4096 + 5].copy_from_slice(b"guest");
+        want[5 * 4096 + 5..6 * 4096].fill(0);
+        // Page 5 was written before registration: it keeps the guest's bytes, never the image's.
+        assert_eq!(&s[..5 * 4096], &want[..5 * 4096]);
+        assert_eq!(&s[5 * 4096..6 * 4096], &want[5 * 4096..6 * 4096]);
+        assert_eq!(&s[6 * 4096..], &want[6 * 4096..]);
+        wait_for(&server, |st| st.faults_served > 0);
+        let pages = (LEN / 4096) as u64;
+        // Page 0 (window stops at 5), page 6 (window of 16), then one fault per 16 pages.
+        let expected = 2 + (pages - 6 - 16).div_ceil(16);
+        wait_for(&server, |st| st.faults_served >= expected);
+        assert_eq!(server.stats().faults_served, expected);
+    }
+
+    #[test]
     fn prefetch_and_background_fill() {
         let (file, expect) = image();
         let file = Arc::new(file);
@@ -737,6 +805,7 @@ mod tests {
             OnDemandOptions {
                 prefetch: Some(prefetch),
                 background_fill: true,
+                fault_around_pages: 1,
             },
         )
         .unwrap();

@@ -331,29 +331,39 @@ fn untouched_pages(host: usize, len: usize, page: usize) -> Option<Vec<bool>> {
     Some(out)
 }
 
-/// The parts of `[start, end)` covered by anonymous private mappings, from /proc/self/maps.
+/// The parts of `[start, end)` covered by anonymous private mappings, from /proc/self/smaps. Ranges
+/// registered with a userfaultfd for missing faults (VmFlags "um": an on-demand restored VM) are left out:
+/// their missing pages are not zero but not fetched yet, and reading them makes the handler fetch them.
 fn anonymous_private_ranges(start: usize, end: usize) -> Option<Vec<(usize, usize)>> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut out = Vec::new();
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let range = fields.next()?;
-        let perms = fields.next()?;
-        let _offset = fields.next()?;
-        let _dev = fields.next()?;
-        let inode = fields.next()?;
-        let path = fields.next().unwrap_or("");
-        let (s, e) = range.split_once('-')?;
-        let s = usize::from_str_radix(s, 16).ok()?;
-        let e = usize::from_str_radix(e, 16).ok()?;
-        if e <= start || s >= end {
+    // The VMA whose counter lines are being read: its overlap with [start, end) if anonymous and private.
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(range) = current.take() {
+                if !flags.split_whitespace().any(|f| f == "um") {
+                    out.push(range);
+                }
+            }
             continue;
         }
+        let mut fields = line.split_whitespace();
+        let Some((s, e)) = fields.next().and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) else {
+            continue;
+        };
+        let perms = fields.next().unwrap_or("");
+        let _offset = fields.next();
+        let _dev = fields.next();
+        let inode = fields.next().unwrap_or("");
+        let path = fields.next().unwrap_or("");
         let private = perms.as_bytes().get(3) == Some(&b'p');
         let anonymous = inode == "0" && (path.is_empty() || path.starts_with("[anon"));
-        if private && anonymous {
-            out.push((s.max(start), e.min(end)));
-        }
+        current =
+            (e > start && s < end && private && anonymous).then(|| (s.max(start), e.min(end)));
     }
     Some(out)
 }
@@ -454,6 +464,29 @@ mod tests {
         assert_eq!(r.data_pages, 1);
         // SAFETY: mapping created above and no longer used.
         unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
+    }
+
+    #[test]
+    fn on_demand_pages_not_yet_fetched_are_read() {
+        use crate::uffd::OnDemandServer;
+        let dir = scratch_dir("writer-uffd");
+        let len = 1 << 20;
+        let src = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("src.img"))
+            .unwrap();
+        src.set_len(len as u64).unwrap();
+        src.write_all_at(b"not fetched yet", 9 * 4096).unwrap();
+        let mem = anon_region(len);
+        let _server = OnDemandServer::start(src, vec![(mem.ptr, len, 0)], None).unwrap();
+        let mut w = TemplateWriter::create(&dir, "t").unwrap();
+        w.set_durable(false);
+        // SAFETY: mapped by the test and served by the handler; nobody writes it.
+        let r = unsafe { w.write_region(0, mem.ptr, len) }.unwrap();
+        assert_eq!(r.data_pages, 1);
     }
 
     #[test]

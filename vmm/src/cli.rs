@@ -47,9 +47,13 @@ struct Cli {
     /// size=S[,thp=on|off][,prefault=on|off]
     #[arg(long, value_name = "OPTIONS", default_value = "size=512M")]
     memory: String,
-    /// off | null | tty | file=PATH
-    #[arg(long, value_name = "MODE", default_value = "null")]
-    serial: String,
+    /// off | null | tty | file=PATH | socket=PATH (default null; with --restore, the template's)
+    #[arg(long, value_name = "MODE")]
+    serial: Option<String>,
+    /// Restore from a template instead of booting: source_url=file:///DIR[,memory_restore_mode=cow|copy|ondemand]
+    /// [,prefault=on][,resume=on]. The VM stays paused unless resume=on.
+    #[arg(long, value_name = "OPTIONS", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
+    restore: Option<String>,
     /// off (the virtio console arrives with the virtio devices)
     #[arg(long, value_name = "MODE", default_value = "off")]
     console: String,
@@ -81,7 +85,7 @@ enum Command {
 }
 
 fn config_from_cli(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
-    let serial = config::parse_console("--serial", &cli.serial)?;
+    let serial = config::parse_console("--serial", cli.serial.as_deref().unwrap_or("null"))?;
     let console = config::parse_console("--console", &cli.console)?;
     if console.mode != ConsoleMode::Off {
         return Err(config::ConfigError::Invalid {
@@ -121,9 +125,15 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
     if let Some(Command::Demo { memory }) = &cli.command {
         return demo(memory, start_ns);
     }
-    let config = match (&cli.kernel, &cli.api_socket) {
-        // Only an API socket: the VM is created later by vm.create.
-        (None, Some(_)) => None,
+    let restore = cli
+        .restore
+        .as_deref()
+        .map(|raw| restore_from_cli(raw, cli.serial.as_deref()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let config = match (&cli.kernel, &cli.api_socket, &restore) {
+        // Only an API socket: the VM is created later by vm.create (or vm.restore).
+        (None, Some(_), _) | (_, _, Some(_)) => None,
         _ => Some(config_from_cli(&cli).map_err(|e| e.to_string())?),
     };
     let api = match &cli.api_socket {
@@ -147,7 +157,14 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
             return Err(error_chain(&e));
         }
     }
+    if let Some((dir, options, resume)) = restore {
+        vmm.restore(&dir, &options, resume)
+            .map_err(|e| error_chain(&e))?;
+    }
     let exit = vmm.run();
+    // Dropping the VMM stops the VM and closes the API's request channel, so requests still queued are
+    // answered with an error at once instead of holding up the exit.
+    drop(vmm);
     if serving_api {
         // The reply to vmm.shutdown (or any last request) must reach its client before the process ends.
         api::server::wait_for_replies(std::time::Duration::from_secs(1));
@@ -164,6 +181,38 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
         }
         VmmExit::Failed(message) => Err(message),
     }
+}
+
+/// `--restore source_url=..,memory_restore_mode=..,prefault=on,resume=on`.
+fn restore_from_cli(
+    raw: &str,
+    serial: Option<&str>,
+) -> Result<(PathBuf, crate::snapshot::RestoreOptions, bool), config::ConfigError> {
+    let p = config::OptionParser::parse(
+        "--restore",
+        raw,
+        &["source_url", "memory_restore_mode", "prefault", "resume"],
+    )?;
+    let url = p
+        .get("source_url")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| p.invalid("source_url= is required"))?;
+    let dir = crate::snapshot::url_to_path(url).map_err(|e| p.invalid(e.to_string()))?;
+    let mode = match p.get("memory_restore_mode") {
+        None => memory_template::image::RestoreMode::Cow,
+        Some(m) => m
+            .parse()
+            .map_err(|_| p.invalid(format!("memory_restore_mode={m}: expected cow, copy or ondemand")))?,
+    };
+    let serial = serial
+        .map(|s| config::parse_console("--serial", s))
+        .transpose()?;
+    let options = crate::snapshot::RestoreOptions {
+        mode,
+        serial,
+        prefault: p.bool("prefault")?.unwrap_or(false),
+    };
+    Ok((dir, options, p.bool("resume")?.unwrap_or(false)))
 }
 
 /// Binds the API socket and starts the server thread; the VMM's control loop receives its calls.

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod remote;
 pub mod runner;
 pub mod serial_socket;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

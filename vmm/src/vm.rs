@@ -77,6 +77,8 @@ pub enum VmError {
     NoKernel,
     #[error("{0}")]
     VcpuFailed(String),
+    #[error("snapshot/restore")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("waiting for the guest failed")]
     Wait(#[source] std::io::Error),
 }
@@ -118,6 +120,8 @@ pub struct Vm {
     pub(crate) shared: VcpuShared,
     /// KVM's clock when the VM was paused, restored on resume.
     pub(crate) paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    /// What a restored VM's memory depends on (template lease, on-demand pager); empty for a booted VM.
+    pub(crate) backing: crate::snapshot::TemplateBacking,
     /// When creation began: the origin of the VMM-side boot timings.
     pub created_at: Instant,
 }
@@ -184,6 +188,7 @@ impl Vm {
             threads: Vec::new(),
             shared,
             paused_clock: None,
+            backing: Default::default(),
             created_at,
         })
     }
@@ -365,6 +370,11 @@ impl Vm {
             Err(e) => log::warn!("cannot read the KVM clock at pause: {e}"),
         }
         Ok(())
+    }
+
+    /// True when no vCPU runs guest code: paused, or restored and not started yet.
+    pub fn is_paused(&self) -> bool {
+        self.threads.is_empty() || self.shared.control.request() == RunRequest::Pause
     }
 
     /// Lets paused vCPU threads run again (or starts them, for a VM restored paused).

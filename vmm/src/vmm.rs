@@ -115,6 +115,27 @@ impl Vmm {
         Ok(())
     }
 
+    /// Builds the VM from a template; it stays paused unless `resume`.
+    pub fn restore(
+        &mut self,
+        dir: &std::path::Path,
+        options: &crate::snapshot::RestoreOptions,
+        resume: bool,
+    ) -> Result<(), VmError> {
+        let kvm = vm::open_kvm()?;
+        let mut vm = Vm::restore(kvm, dir, options)?;
+        self.config = Some(vm.config().clone());
+        self.state = VmState::Paused;
+        event_monitor::emit("vm", "restored", &[("source", dir.display().to_string())]);
+        if resume {
+            vm.resume()?;
+            self.state = VmState::Running;
+            event_monitor::emit("vm", "resumed", &[]);
+        }
+        self.vm = Some(vm);
+        Ok(())
+    }
+
     fn stop_vm(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             vm.stop_vcpus();
@@ -234,9 +255,46 @@ impl Vmm {
             | R::VmRemoveDevice(_) => ApiResponse::not_available(
                 "device hotplug (PCI and virtio devices are not in this build yet)",
             ),
-            R::VmSnapshot(_) | R::VmRestore(..) => ApiResponse::not_available(
-                "snapshot/restore (memory templates are not in this build yet)",
-            ),
+            R::VmSnapshot(snapshot) => match (self.state(), self.vm.as_mut()) {
+                (None, _) => not_created(),
+                (Some(VmState::Paused), Some(vm)) => {
+                    match crate::snapshot::url_to_path(&snapshot.destination_url)
+                        .and_then(|path| vm.snapshot(&path))
+                    {
+                        Ok(path) => {
+                            event_monitor::emit(
+                                "vm",
+                                "snapshotted",
+                                &[("path", path.display().to_string())],
+                            );
+                            ApiResponse::Empty
+                        }
+                        Err(e) => vm_error("snapshot", &VmError::from(e)),
+                    }
+                }
+                (Some(state), _) => invalid_state("snapshot (pause it first)", state),
+            },
+            R::VmRestore(restore, _fds) => {
+                if self.config.is_some() {
+                    ApiResponse::Error {
+                        status: 500,
+                        chain: vec!["cannot restore: a VM is already created (PUT vm.delete first)".into()],
+                    }
+                } else {
+                    let options = crate::snapshot::RestoreOptions {
+                        mode: restore_mode(restore.memory_restore_mode),
+                        serial: None,
+                        prefault: restore.prefault,
+                    };
+                    match crate::snapshot::url_to_path(&restore.source_url)
+                        .map_err(VmError::from)
+                        .and_then(|dir| self.restore(&dir, &options, restore.resume))
+                    {
+                        Ok(()) => ApiResponse::Empty,
+                        Err(e) => vm_error("restore", &e),
+                    }
+                }
+            }
             R::VmSendMigration(_) | R::VmReceiveMigration(_) => {
                 ApiResponse::not_available("live migration")
             }
@@ -354,6 +412,17 @@ impl Vmm {
         if let Some(vm) = &self.vm {
             let _ = vm.exit_eventfd().read();
         }
+    }
+}
+
+/// Cloud Hypervisor's restore modes mapped onto the template crate's.
+pub fn restore_mode(mode: api::models::MemoryRestoreMode) -> memory_template::image::RestoreMode {
+    use api::models::MemoryRestoreMode as Api;
+    use memory_template::image::RestoreMode;
+    match mode {
+        Api::Copy => RestoreMode::Copy,
+        Api::OnDemand => RestoreMode::OnDemand,
+        Api::CopyOnWrite => RestoreMode::Cow,
     }
 }
 

@@ -45,14 +45,20 @@ pub struct VmSnapshotConfig {
     pub destination_url: String,
 }
 
+/// How a restore brings back guest memory. Cloud Hypervisor's `Copy` and `OnDemand` keep their meaning;
+/// trenv's default is copy-on-write mapping of the template's images, which shares clean pages between
+/// every instance. The lowercase spellings of trenv's docs are accepted too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemoryRestoreMode {
     /// Read the whole memory file back before resuming.
-    #[default]
+    #[serde(alias = "copy")]
     Copy,
     /// Fault pages in on first touch (userfaultfd).
+    #[serde(alias = "ondemand", alias = "on_demand")]
     OnDemand,
     /// Map the memory file privately: pages are shared until written.
+    #[default]
+    #[serde(alias = "cow", alias = "Cow")]
     CopyOnWrite,
 }
 
@@ -87,7 +93,7 @@ impl RestoreConfig {
         RestoreConfig {
             source_url: source_url.into(),
             prefault: false,
-            memory_restore_mode: MemoryRestoreMode::Copy,
+            memory_restore_mode: MemoryRestoreMode::CopyOnWrite,
             resume: false,
             net_fds: None,
         }

@@ -275,7 +275,7 @@ mod tests {
         assert_eq!((a, b), (0x40, 0x48));
         assert_ne!(c.read_reg(1) & STATUS_CAP_LIST, 0);
         assert_eq!(c.read_field(0x34, 1), 0x40);
-        assert_eq!(c.read_field(0x40, 4), 0x1000_4809);
+        assert_eq!(c.read_field(0x40, 4), 0x0110_4809);
         assert_eq!(c.read_field(0x48, 2), 0x0011, "last capability ends the list");
         // Capability bytes are read-only unless made writable.
         c.write_reg(0x48 / 4, 2, &[0xff, 0xff]);

@@ -200,14 +200,12 @@ impl MsixConfig {
             };
             let mut bytes = entry.to_bytes();
             bytes[(at % MSIX_TABLE_ENTRY_SIZE) as usize] = *b;
-            let old = *entry;
             *entry = MsixTableEntry::from_bytes(&bytes);
             // Only bit 0 of Vector Control is defined; the rest is reserved and reads as zero.
             entry.vector_ctrl &= VECTOR_CTRL_MASKED;
             if !touched.contains(&index) {
                 touched.push(index);
             }
-            let _ = old;
         }
         for index in touched {
             self.update_route(index);

@@ -1,0 +1,415 @@
+//! Snapshot and restore of a whole VM through memory templates.
+//!
+//! A snapshot of a paused VM is a template directory (see the `memory-template` crate): one linear, sparse
+//! memory image per guest RAM region, `state.json` with every vCPU's and device's state (this module's
+//! `VmState`), and a manifest tying them to the VM config and to a fingerprint of the host CPU and KVM.
+//! A restore checks the manifest, the state digest, the images' sizes and the fingerprint before it
+//! touches KVM, then builds a VM around the images (mapped copy-on-write, copied, or paged in on demand)
+//! and loads the state. Each restore gets a new VM generation ID, so clones can tell they are clones.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use devices::ioapic::IoapicState;
+use devices::legacy::serial::SerialDeviceState;
+use kvm_bindings::{kvm_clock_data, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+use memory_template::format::{self, Fingerprint, ManifestDraft};
+use memory_template::image::{self, RestoreMode};
+use memory_template::uffd::{OnDemandOptions, OnDemandServer, OnDemandSource};
+use memory_template::writer::TemplateWriter;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::arch::x86_64::vcpu_state::{self, VcpuState};
+use crate::config::VmConfig;
+use crate::vm::{Vm, VmError};
+
+/// Version of `VmState`'s layout inside format-v1 templates.
+pub const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the VM must be paused to snapshot it")]
+    NotPaused,
+    #[error("destination {0} exists and is not an empty directory")]
+    DestinationExists(PathBuf),
+    #[error("invalid snapshot URL '{0}': expected file:///absolute/path")]
+    BadUrl(String),
+    #[error("cannot read vCPU {id} state")]
+    SaveVcpu {
+        id: u8,
+        #[source]
+        source: vcpu_state::VcpuStateError,
+    },
+    #[error("cannot load vCPU {id} state")]
+    RestoreVcpu {
+        id: u8,
+        #[source]
+        source: vcpu_state::VcpuStateError,
+    },
+    #[error("cannot read the KVM clock")]
+    Clock(#[source] kvm_ioctls::Error),
+    #[error("cannot read the CPUID of vCPU {id}")]
+    Cpuid {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot write the template")]
+    Write(#[from] memory_template::writer::WriterError),
+    #[error("the template is unusable")]
+    Template(#[from] format::TemplateError),
+    #[error("the template was made on an incompatible host: {0}")]
+    Fingerprint(String),
+    #[error("the template's state is not valid: {0}")]
+    State(String),
+    #[error("the template's config is not valid for this trenv")]
+    Config(#[source] serde_json::Error),
+    #[error("cannot map the template's memory")]
+    Image(#[from] image::ImageError),
+    #[error("cannot start on-demand paging")]
+    OnDemand(#[from] memory_template::uffd::UffdError),
+    #[error("cannot build guest memory from the template's regions")]
+    Memory(String),
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load device state: {0}")]
+    Device(String),
+}
+
+/// Everything besides guest RAM that a restored guest needs.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub version: u32,
+    pub vcpus: Vec<VcpuState>,
+    pub clock: kvm_clock_data,
+    pub ioapic: IoapicState,
+    pub serial: Option<SerialDeviceState>,
+}
+
+/// How a restore maps memory and what it changes from the template's config.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub mode: RestoreMode,
+    /// Replaces the template's serial console (instances must not share the template's output file).
+    pub serial: Option<crate::config::ConsoleConfig>,
+    /// Pre-fault every page (copy and cow modes) before the guest runs.
+    pub prefault: bool,
+}
+
+/// Parses `file:///dir` (Cloud Hypervisor's snapshot/restore URL form) or a plain absolute path.
+pub fn url_to_path(url: &str) -> Result<PathBuf, SnapshotError> {
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(SnapshotError::BadUrl(url.to_string()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// The host facts a template depends on: CPU vendor and signature, KVM API version, and KVM's supported
+/// CPUID (what guest-visible features a restored guest may rely on).
+pub fn host_fingerprint(kvm: &Kvm, supported_cpuid: &CpuId) -> Fingerprint {
+    // CPUID leaves 0 and 1 exist on every x86_64 CPU.
+    let (leaf0, leaf1) = (
+        std::arch::x86_64::__cpuid(0),
+        std::arch::x86_64::__cpuid(1),
+    );
+    let mut vendor = Vec::with_capacity(12);
+    for reg in [leaf0.ebx, leaf0.edx, leaf0.ecx] {
+        vendor.extend_from_slice(&reg.to_le_bytes());
+    }
+    let family = ((leaf1.eax >> 8) & 0xf) + ((leaf1.eax >> 20) & 0xff);
+    let model = ((leaf1.eax >> 4) & 0xf) | ((leaf1.eax >> 12) & 0xf0);
+    let stepping = leaf1.eax & 0xf;
+    let mut hasher = Sha256::new();
+    for entry in supported_cpuid.as_slice() {
+        for word in [
+            entry.function,
+            entry.index,
+            entry.flags,
+            entry.eax,
+            entry.ebx,
+            entry.ecx,
+            entry.edx,
+        ] {
+            hasher.update(word.to_le_bytes());
+        }
+    }
+    let digest: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Fingerprint {
+        cpu_vendor: String::from_utf8_lossy(&vendor).into_owned(),
+        cpu_signature: format!("{family}/{model}/{stepping}"),
+        kvm_api_version: kvm.get_api_version(),
+        supported_cpuid_digest: digest,
+        // SAFETY: sysconf has no memory-safety preconditions.
+        host_page_size: unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64,
+    }
+}
+
+/// A fresh random VM generation ID (never 0, which means "cold boot").
+pub fn new_generation_id() -> u128 {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into our buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr() as *mut libc::c_void, bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Extremely unlikely; fall back to the clock, which is still unique per restore.
+        bytes[..8].copy_from_slice(&crate::event_monitor::monotonic_ns().to_le_bytes());
+        bytes[8..].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    }
+    u128::from_le_bytes(bytes).max(1)
+}
+
+/// A shared lock on a template's manifest for as long as a VM maps it, so that the store refuses to
+/// remove a template that instances still use.
+pub struct TemplateLease {
+    _file: File,
+}
+
+fn lease(dir: &Path) -> Result<TemplateLease, SnapshotError> {
+    let path = dir.join("manifest.json");
+    let file = File::open(&path).map_err(|source| SnapshotError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+        return Err(SnapshotError::Open {
+            path,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(TemplateLease { _file: file })
+}
+
+/// Keeps what a restored VM's memory depends on alive: the template lease and the on-demand pager.
+#[derive(Default)]
+pub struct TemplateBacking {
+    pub lease: Option<TemplateLease>,
+    pub ondemand: Option<OnDemandServer>,
+    pub template_dir: Option<PathBuf>,
+    pub mode: Option<RestoreMode>,
+}
+
+impl Vm {
+    /// Writes a template of this (paused) VM to `destination`, atomically: a temporary directory beside it
+    /// is renamed into place only once everything is written. An existing empty directory is replaced.
+    pub fn snapshot(&mut self, destination: &Path) -> Result<PathBuf, SnapshotError> {
+        if !self.is_paused() {
+            return Err(SnapshotError::NotPaused);
+        }
+        let state = self.capture_state()?;
+        let state_bytes = serde_json::to_vec(&state).map_err(|e| SnapshotError::State(e.to_string()))?;
+
+        let (parent, name) = match (destination.parent(), destination.file_name()) {
+            (Some(parent), Some(name)) => (parent, name.to_string_lossy().into_owned()),
+            _ => return Err(SnapshotError::DestinationExists(destination.to_path_buf())),
+        };
+        if destination.exists() {
+            // Cloud Hypervisor snapshots into an existing (empty) directory; keep that working.
+            std::fs::remove_dir(destination)
+                .map_err(|_| SnapshotError::DestinationExists(destination.to_path_buf()))?;
+        }
+        let mut writer = TemplateWriter::create(parent, &name)?;
+        for region in self.memory.iter() {
+            // SAFETY: the region is mapped for the VM's lifetime, and nothing writes guest memory while the
+            // vCPUs are parked and the legacy devices only touch memory from vCPU exits.
+            unsafe {
+                writer.write_region(
+                    region.start_addr().0,
+                    region.as_ptr(),
+                    region.len() as usize,
+                )?;
+            }
+        }
+        writer.write_state(&state_bytes)?;
+        let mut extra = std::collections::BTreeMap::new();
+        extra.insert("state_version".to_string(), serde_json::json!(STATE_VERSION));
+        let path = writer.finish(ManifestDraft {
+            trenv_version: env!("CARGO_PKG_VERSION").to_string(),
+            vm_config: serde_json::to_value(&self.config).map_err(|e| SnapshotError::State(e.to_string()))?,
+            fingerprint: host_fingerprint(&self.kvm, &self.base_cpuid),
+            extra,
+        })?;
+        Ok(path)
+    }
+
+    fn capture_state(&self) -> Result<VmState, SnapshotError> {
+        let msr_indices = vcpu_state::msrs_to_save(&self.kvm).map_err(|source| SnapshotError::SaveVcpu {
+            id: 0,
+            source,
+        })?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &self.vcpus {
+            let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+            let cpuid = vcpu
+                .fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|source| SnapshotError::Cpuid { id: vcpu.id, source })?;
+            vcpus.push(
+                vcpu_state::save(&vcpu.fd, vcpu.id, &cpuid, &msr_indices)
+                    .map_err(|source| SnapshotError::SaveVcpu { id: vcpu.id, source })?,
+            );
+        }
+        let clock = match self.paused_clock {
+            Some(clock) => clock,
+            None => self.vm_fd.get_clock().map_err(SnapshotError::Clock)?,
+        };
+        Ok(VmState {
+            version: STATE_VERSION,
+            vcpus,
+            clock,
+            ioapic: self.devices.ioapic.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            serial: self
+                .devices
+                .serial
+                .as_ref()
+                .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).state()),
+        })
+    }
+
+    /// Builds a VM from the template at `dir`, paused (call `resume` to run it).
+    pub fn restore(kvm: Kvm, dir: &Path, options: &RestoreOptions) -> Result<Vm, VmError> {
+        let manifest = format::read_manifest(dir).map_err(SnapshotError::from)?;
+        let state_version = manifest.extra.get("state_version").and_then(|v| v.as_u64());
+        if state_version != Some(u64::from(STATE_VERSION)) {
+            return Err(SnapshotError::State(format!(
+                "state layout version {state_version:?} is not the supported {STATE_VERSION}"
+            ))
+            .into());
+        }
+        let supported = vcpu_state::supported_cpuid(&kvm).map_err(VmError::SupportedCpuid)?;
+        if let Some(diff) = manifest.fingerprint.mismatch(&host_fingerprint(&kvm, &supported)) {
+            return Err(SnapshotError::Fingerprint(diff).into());
+        }
+        let state_bytes = format::verify_state(dir, &manifest).map_err(SnapshotError::from)?;
+        format::verify_images_quick(dir, &manifest).map_err(SnapshotError::from)?;
+        let state: VmState = serde_json::from_slice(&state_bytes)
+            .map_err(|e| SnapshotError::State(e.to_string()))?;
+        let mut config: VmConfig =
+            serde_json::from_value(manifest.vm_config.clone()).map_err(SnapshotError::Config)?;
+        if let Some(serial) = &options.serial {
+            config.serial = serial.clone();
+        }
+        if state.vcpus.len() != config.cpus.boot_vcpus as usize {
+            return Err(SnapshotError::State(format!(
+                "{} vCPU states for {} boot vCPUs",
+                state.vcpus.len(),
+                config.cpus.boot_vcpus
+            ))
+            .into());
+        }
+
+        let lease = lease(dir)?;
+        let (memory, ondemand) = map_template_memory(dir, &manifest, options)?;
+        let mut vm = Vm::create_with_memory(kvm, &config, memory)?;
+        vm.load_state(&state)?;
+        vm.backing = TemplateBacking {
+            lease: Some(lease),
+            ondemand,
+            template_dir: Some(dir.to_path_buf()),
+            mode: Some(options.mode),
+        };
+        Ok(vm)
+    }
+
+    fn load_state(&mut self, state: &VmState) -> Result<(), SnapshotError> {
+        for (vcpu, saved) in self.vcpus.iter().zip(&state.vcpus) {
+            let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+            vcpu_state::restore(&vcpu.fd, saved)
+                .map_err(|source| SnapshotError::RestoreVcpu { id: vcpu.id, source })?;
+        }
+        self.devices
+            .ioapic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_state(&state.ioapic)
+            .map_err(|e| SnapshotError::Device(format!("IOAPIC: {e}")))?;
+        if let (Some(serial), Some(saved)) = (&self.devices.serial, &state.serial) {
+            serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_state(saved)
+                .map_err(|e| SnapshotError::Device(format!("serial: {e}")))?;
+        }
+        // The clock is loaded when the vCPUs start, so that time spent paused after the restore does not
+        // count as guest time.
+        self.paused_clock = Some(state.clock);
+        self.devices
+            .guest_signal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_generation(new_generation_id());
+        Ok(())
+    }
+}
+
+/// Maps every region image of a template for `options.mode`.
+fn map_template_memory(
+    dir: &Path,
+    manifest: &format::Manifest,
+    options: &RestoreOptions,
+) -> Result<(GuestMemoryMmap, Option<OnDemandServer>), SnapshotError> {
+    let mut regions: Vec<GuestRegionMmap> = Vec::with_capacity(manifest.regions.len());
+    let mut sources = Vec::new();
+    for region in &manifest.regions {
+        let path = dir.join(&region.file);
+        let file = File::open(&path).map_err(|source| SnapshotError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let len = region.size as usize;
+        let mapped = match options.mode {
+            RestoreMode::Cow => image::cow_guest_region::<()>(&file, len, region.guest_addr)?,
+            RestoreMode::Copy => image::copy_guest_region::<()>(&file, len, region.guest_addr)?,
+            RestoreMode::OnDemand => {
+                let anon = image::anonymous_guest_region::<()>(len, region.guest_addr)?;
+                sources.push(OnDemandSource {
+                    file: Arc::new(file),
+                    host: anon.as_ptr(),
+                    len,
+                    file_offset: 0,
+                    guest_addr: region.guest_addr,
+                });
+                anon
+            }
+        };
+        if options.prefault && options.mode != RestoreMode::OnDemand {
+            // SAFETY: the range is the mapping just created for this region.
+            unsafe {
+                libc::madvise(
+                    mapped.as_ptr() as *mut libc::c_void,
+                    len,
+                    libc::MADV_POPULATE_READ,
+                )
+            };
+        }
+        regions.push(mapped);
+    }
+    let memory =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::Memory(e.to_string()))?;
+    let ondemand = if sources.is_empty() {
+        None
+    } else {
+        let prefetch = format::read_working_set(dir, manifest)?;
+        Some(OnDemandServer::start_sources(
+            sources,
+            OnDemandOptions {
+                prefetch,
+                ..Default::default()
+            },
+        )?)
+    };
+    Ok((memory, ondemand))
+}
