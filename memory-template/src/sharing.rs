@@ -1,4 +1,4 @@
-//! Memory accounting from /proc/<pid>/smaps: how much of a process (or of one mapping, e.g. guest RAM) is
+//! Memory accounting from `/proc/<pid>/smaps`: how much of a process (or of one mapping, e.g. guest RAM) is
 //! private to it and how much is shared page cache (the template's clean pages).
 
 use std::io;

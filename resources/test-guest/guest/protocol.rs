@@ -10,6 +10,9 @@ pub const SIGNAL_REG_VERSION: u64 = 0x04;
 pub const SIGNAL_REG_ARG: u64 = 0x08;
 pub const SIGNAL_REG_EVENT: u64 = 0x10;
 pub const SIGNAL_REG_CLOCK_NS: u64 = 0x18;
+/// VM generation ID (128 bits, low half first): changes on every restore from a template, 0 on a cold boot.
+pub const SIGNAL_REG_GENERATION_LO: u64 = 0x20;
+pub const SIGNAL_REG_GENERATION_HI: u64 = 0x28;
 /// "TRSG" read as a little-endian u32.
 pub const SIGNAL_MAGIC: u32 = 0x4753_5254;
 pub const SIGNAL_VERSION: u32 = 1;
@@ -28,12 +31,19 @@ pub const SIGNAL_FAILURE: u32 = 5;
 pub const SIGNAL_CUSTOM_BASE: u32 = 0x100;
 /// `touch`: guest-physical base address of the region it is about to write.
 pub const SIGNAL_TOUCH_REGION: u32 = 0x100;
+/// `serve`: the heap's base address (arg), sent before READY.
+pub const SIGNAL_SERVE_HEAP: u32 = 0x101;
+/// `serve`: a new generation ID was seen, i.e. the guest runs as a restored instance (arg = low 64 bits of it).
+pub const SIGNAL_SERVE_RESTORED: u32 = 0x102;
+/// `serve`: the restored instance verified its heap and wrote its private data (arg = heap checksum).
+pub const SIGNAL_SERVE_VERIFIED: u32 = 0x103;
 
 /// Workload ids (the argument of READY / WORKLOAD_START).
 pub const WORKLOAD_ID_BOOT: u64 = 1;
 pub const WORKLOAD_ID_TOUCH: u64 = 2;
 pub const WORKLOAD_ID_FAULT: u64 = 3;
 pub const WORKLOAD_ID_IDLE: u64 = 4;
+pub const WORKLOAD_ID_SERVE: u64 = 5;
 
 /// FAILURE arguments.
 pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;

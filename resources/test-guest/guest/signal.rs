@@ -42,3 +42,18 @@ pub fn now_ns() -> Option<u64> {
     // SAFETY: device register, present.
     Some(unsafe { reg::<u64>(SIGNAL_REG_CLOCK_NS).read_volatile() })
 }
+
+/// The VM generation ID (0 on a cold boot or without the device).
+pub fn generation() -> u128 {
+    if !PRESENT.get() {
+        return 0;
+    }
+    // SAFETY: device registers, present.
+    let (lo, hi) = unsafe {
+        (
+            reg::<u64>(SIGNAL_REG_GENERATION_LO).read_volatile(),
+            reg::<u64>(SIGNAL_REG_GENERATION_HI).read_volatile(),
+        )
+    };
+    (u128::from(hi) << 64) | u128::from(lo)
+}

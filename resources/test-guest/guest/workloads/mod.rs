@@ -7,6 +7,7 @@
 mod boot;
 mod fault;
 mod idle;
+mod serve;
 mod touch;
 
 use crate::bootinfo::BootInfo;
@@ -46,6 +47,12 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_IDLE,
         params: &["secs"],
         run: idle::run,
+    },
+    Workload {
+        name: "serve",
+        id: crate::protocol::WORKLOAD_ID_SERVE,
+        params: &["heap", "seed", "dirty"],
+        run: serve::run,
     },
     Workload {
         name: "fault",
