@@ -6,6 +6,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod exit;
+pub mod guest_idle;
 pub mod guest_signal;
 pub mod ioapic;
 pub mod legacy;

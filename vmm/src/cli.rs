@@ -200,9 +200,11 @@ fn restore_from_cli(
     let dir = crate::snapshot::url_to_path(url).map_err(|e| p.invalid(e.to_string()))?;
     let mode = match p.get("memory_restore_mode") {
         None => memory_template::image::RestoreMode::Cow,
-        Some(m) => m
-            .parse()
-            .map_err(|_| p.invalid(format!("memory_restore_mode={m}: expected cow, copy or ondemand")))?,
+        Some(m) => m.parse().map_err(|_| {
+            p.invalid(format!(
+                "memory_restore_mode={m}: expected cow, copy or ondemand"
+            ))
+        })?,
     };
     let serial = serial
         .map(|s| config::parse_console("--serial", s))

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::acpi_pm::AcpiPmDevice;
 use devices::exit::ExitNotifier;
+use devices::guest_idle::{GuestIdleDevice, IdleWaker};
 use devices::guest_signal::{event_name, GuestEvent, GuestSignalDevice};
 use devices::ioapic::{Ioapic, IrqLine, KvmMsiSender};
 use devices::legacy::i8042::I8042Device;
@@ -40,7 +41,9 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("serial mode {0:?} is not supported yet (use off, null, tty, file=PATH or socket=PATH)")]
+    #[error(
+        "serial mode {0:?} is not supported yet (use off, null, tty, file=PATH or socket=PATH)"
+    )]
     UnsupportedSerialMode(ConsoleMode),
     #[error("cannot create the exit event")]
     ExitEvent(#[source] std::io::Error),
@@ -54,6 +57,8 @@ pub struct DeviceManager {
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
     pub exit: ExitNotifier,
     pub guest_signal: Arc<Mutex<GuestSignalDevice>>,
+    /// Ends guests' idle waits (on restore, pause and stop).
+    pub idle_waker: IdleWaker,
     /// Guest milestones in arrival order, for the VMM's own reporting (boot time, ready).
     pub guest_events: Arc<Mutex<Vec<GuestEvent>>>,
 }
@@ -76,7 +81,10 @@ fn serial_output(config: &ConsoleConfig) -> Result<Option<SerialOutput>, DeviceE
             plain(Box::new(LineWriter::new(file)))
         }
         ConsoleMode::Socket => {
-            let path = config.socket.as_ref().ok_or(DeviceError::MissingSocketPath)?;
+            let path = config
+                .socket
+                .as_ref()
+                .ok_or(DeviceError::MissingSocketPath)?;
             let socket = SerialSocket::bind(path).map_err(|source| DeviceError::SerialSocket {
                 path: path.display().to_string(),
                 source,
@@ -161,6 +169,13 @@ impl DeviceManager {
             layout::GUEST_SIGNAL_SIZE,
         )?;
 
+        let idle_waker = IdleWaker::default();
+        mmio.insert(
+            Arc::new(Mutex::new(GuestIdleDevice::new(idle_waker.clone()))),
+            layout::GUEST_IDLE_START,
+            layout::GUEST_IDLE_SIZE,
+        )?;
+
         Ok(DeviceManager {
             pio_bus: Arc::new(pio),
             mmio_bus: Arc::new(mmio),
@@ -168,6 +183,7 @@ impl DeviceManager {
             serial,
             exit,
             guest_signal,
+            idle_waker,
             guest_events,
         })
     }

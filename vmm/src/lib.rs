@@ -12,6 +12,7 @@ pub mod device_manager;
 pub mod event_monitor;
 pub mod logger;
 pub mod memory;
+pub mod pci_devices;
 pub mod remote;
 pub mod runner;
 pub mod serial_socket;

@@ -118,10 +118,7 @@ pub fn url_to_path(url: &str) -> Result<PathBuf, SnapshotError> {
 /// CPUID (what guest-visible features a restored guest may rely on).
 pub fn host_fingerprint(kvm: &Kvm, supported_cpuid: &CpuId) -> Fingerprint {
     // CPUID leaves 0 and 1 exist on every x86_64 CPU.
-    let (leaf0, leaf1) = (
-        std::arch::x86_64::__cpuid(0),
-        std::arch::x86_64::__cpuid(1),
-    );
+    let (leaf0, leaf1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
     let mut vendor = Vec::with_capacity(12);
     for reg in [leaf0.ebx, leaf0.edx, leaf0.ecx] {
         vendor.extend_from_slice(&reg.to_le_bytes());
@@ -131,15 +128,16 @@ pub fn host_fingerprint(kvm: &Kvm, supported_cpuid: &CpuId) -> Fingerprint {
     let stepping = leaf1.eax & 0xf;
     let mut hasher = Sha256::new();
     for entry in supported_cpuid.as_slice() {
-        for word in [
-            entry.function,
-            entry.index,
-            entry.flags,
-            entry.eax,
-            entry.ebx,
-            entry.ecx,
-            entry.edx,
-        ] {
+        let (mut eax, mut ebx, mut ecx, mut edx) = (entry.eax, entry.ebx, entry.ecx, entry.edx);
+        // KVM fills some fields from the host CPU the ioctl happened to run on (APIC and core ids);
+        // they say nothing about what a guest may use, and would make every process see another host.
+        match entry.function {
+            0x1 => ebx &= 0x00ff_ffff,
+            0xb | 0x1f => edx = 0,
+            0x8000_001e => (eax, ebx, ecx) = (0, 0, 0),
+            _ => {}
+        }
+        for word in [entry.function, entry.index, entry.flags, eax, ebx, ecx, edx] {
             hasher.update(word.to_le_bytes());
         }
     }
@@ -183,11 +181,19 @@ fn lease(dir: &Path) -> Result<TemplateLease, SnapshotError> {
         path: path.clone(),
         source,
     })?;
+    // Blocking: the store holds an exclusive lock only for an instant, to test whether a template is in use.
     // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH) } != 0 {
         return Err(SnapshotError::Open {
             path,
             source: std::io::Error::last_os_error(),
+        });
+    }
+    // The template may have been removed while we waited; a lease on an unlinked manifest protects nothing.
+    if !path.exists() {
+        return Err(SnapshotError::Open {
+            path,
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
     }
     Ok(TemplateLease { _file: file })
@@ -209,8 +215,18 @@ impl Vm {
         if !self.is_paused() {
             return Err(SnapshotError::NotPaused);
         }
-        let state = self.capture_state()?;
-        let state_bytes = serde_json::to_vec(&state).map_err(|e| SnapshotError::State(e.to_string()))?;
+        // Captured once per pause: state read twice from a paused VM must be identical (KVM's TSC keeps
+        // counting), so that snapshotting the same paused VM twice gives the same template digest.
+        let state_bytes = match &self.paused_state {
+            Some(bytes) => bytes.clone(),
+            None => {
+                let state = self.capture_state()?;
+                let bytes =
+                    serde_json::to_vec(&state).map_err(|e| SnapshotError::State(e.to_string()))?;
+                self.paused_state = Some(bytes.clone());
+                bytes
+            }
+        };
 
         let (parent, name) = match (destination.parent(), destination.file_name()) {
             (Some(parent), Some(name)) => (parent, name.to_string_lossy().into_owned()),
@@ -235,10 +251,14 @@ impl Vm {
         }
         writer.write_state(&state_bytes)?;
         let mut extra = std::collections::BTreeMap::new();
-        extra.insert("state_version".to_string(), serde_json::json!(STATE_VERSION));
+        extra.insert(
+            "state_version".to_string(),
+            serde_json::json!(STATE_VERSION),
+        );
         let path = writer.finish(ManifestDraft {
             trenv_version: env!("CARGO_PKG_VERSION").to_string(),
-            vm_config: serde_json::to_value(&self.config).map_err(|e| SnapshotError::State(e.to_string()))?,
+            vm_config: serde_json::to_value(&self.config)
+                .map_err(|e| SnapshotError::State(e.to_string()))?,
             fingerprint: host_fingerprint(&self.kvm, &self.base_cpuid),
             extra,
         })?;
@@ -246,20 +266,25 @@ impl Vm {
     }
 
     fn capture_state(&self) -> Result<VmState, SnapshotError> {
-        let msr_indices = vcpu_state::msrs_to_save(&self.kvm).map_err(|source| SnapshotError::SaveVcpu {
-            id: 0,
-            source,
-        })?;
+        let msr_indices = vcpu_state::msrs_to_save(&self.kvm)
+            .map_err(|source| SnapshotError::SaveVcpu { id: 0, source })?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for vcpu in &self.vcpus {
             let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
             let cpuid = vcpu
                 .fd
                 .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-                .map_err(|source| SnapshotError::Cpuid { id: vcpu.id, source })?;
+                .map_err(|source| SnapshotError::Cpuid {
+                    id: vcpu.id,
+                    source,
+                })?;
             vcpus.push(
-                vcpu_state::save(&vcpu.fd, vcpu.id, &cpuid, &msr_indices)
-                    .map_err(|source| SnapshotError::SaveVcpu { id: vcpu.id, source })?,
+                vcpu_state::save(&vcpu.fd, vcpu.id, &cpuid, &msr_indices).map_err(|source| {
+                    SnapshotError::SaveVcpu {
+                        id: vcpu.id,
+                        source,
+                    }
+                })?,
             );
         }
         let clock = match self.paused_clock {
@@ -270,7 +295,12 @@ impl Vm {
             version: STATE_VERSION,
             vcpus,
             clock,
-            ioapic: self.devices.ioapic.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            ioapic: self
+                .devices
+                .ioapic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
             serial: self
                 .devices
                 .serial
@@ -290,7 +320,10 @@ impl Vm {
             .into());
         }
         let supported = vcpu_state::supported_cpuid(&kvm).map_err(VmError::SupportedCpuid)?;
-        if let Some(diff) = manifest.fingerprint.mismatch(&host_fingerprint(&kvm, &supported)) {
+        if let Some(diff) = manifest
+            .fingerprint
+            .mismatch(&host_fingerprint(&kvm, &supported))
+        {
             return Err(SnapshotError::Fingerprint(diff).into());
         }
         let state_bytes = format::verify_state(dir, &manifest).map_err(SnapshotError::from)?;
@@ -327,8 +360,10 @@ impl Vm {
     fn load_state(&mut self, state: &VmState) -> Result<(), SnapshotError> {
         for (vcpu, saved) in self.vcpus.iter().zip(&state.vcpus) {
             let vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-            vcpu_state::restore(&vcpu.fd, saved)
-                .map_err(|source| SnapshotError::RestoreVcpu { id: vcpu.id, source })?;
+            vcpu_state::restore(&vcpu.fd, saved).map_err(|source| SnapshotError::RestoreVcpu {
+                id: vcpu.id,
+                source,
+            })?;
         }
         self.devices
             .ioapic
@@ -351,6 +386,7 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .set_generation(new_generation_id());
+        self.devices.idle_waker.wake();
         Ok(())
     }
 }

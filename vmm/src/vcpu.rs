@@ -74,17 +74,16 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread between KVM_RUNs: parks while paused. Returns false when it must exit.
-    fn checkpoint(&self) -> bool {
+    /// Called by a vCPU thread between KVM_RUNs: parks while paused, after `before_park` (which settles
+    /// the vCPU's state). Returns false when the thread must exit.
+    fn checkpoint(&self, before_park: &mut dyn FnMut()) -> bool {
         let mut state = self.lock();
         if state.request == RunRequest::Pause {
+            before_park();
             state.parked += 1;
             self.changed.notify_all();
             while state.request == RunRequest::Pause {
-                state = self
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|e| e.into_inner());
+                state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
             }
             state.parked -= 1;
             self.changed.notify_all();
@@ -177,13 +176,33 @@ impl Vcpu {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let mut unknown_access = RateLimitedLog { remaining: 16 };
-                while shared.control.checkpoint() {
+                let mut settle = || {
+                    vcpu.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .complete_pending_io()
+                };
+                while shared.control.checkpoint(&mut settle) {
                     let mut vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
                     if !vcpu.run_once(&shared, &mut unknown_access) {
                         return;
                     }
                 }
             })
+    }
+
+    /// Lets KVM finish the instruction behind the last I/O exit (a read's data lands in its register, RIP
+    /// moves past it) without running guest code, so that saved state never holds a half-done access.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => log::debug!(
+                "vcpu{}: settling before pause returned {:?}",
+                self.id,
+                other.err()
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// One KVM_RUN and the handling of its exit; false when the thread must end.

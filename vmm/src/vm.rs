@@ -120,6 +120,8 @@ pub struct Vm {
     pub(crate) shared: VcpuShared,
     /// KVM's clock when the VM was paused, restored on resume.
     pub(crate) paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    /// The serialized state captured by the first snapshot of the current pause.
+    pub(crate) paused_state: Option<Vec<u8>>,
     /// What a restored VM's memory depends on (template lease, on-demand pager); empty for a booted VM.
     pub(crate) backing: crate::snapshot::TemplateBacking,
     /// When creation began: the origin of the VMM-side boot timings.
@@ -188,6 +190,7 @@ impl Vm {
             threads: Vec::new(),
             shared,
             paused_clock: None,
+            paused_state: None,
             backing: Default::default(),
             created_at,
         })
@@ -305,7 +308,8 @@ impl Vm {
             return Ok(());
         }
         for vcpu in &self.vcpus {
-            let handle = Vcpu::spawn(vcpu.clone(), self.shared.clone()).map_err(VmError::SpawnVcpu)?;
+            let handle =
+                Vcpu::spawn(vcpu.clone(), self.shared.clone()).map_err(VmError::SpawnVcpu)?;
             self.threads.push(handle);
         }
         Ok(())
@@ -358,6 +362,7 @@ impl Vm {
     /// across the pause.
     pub fn pause(&mut self) -> Result<()> {
         self.shared.control.set_request(RunRequest::Pause);
+        self.devices.idle_waker.wake();
         let deadline = Instant::now() + Duration::from_secs(2);
         if !self.shared.control.wait_parked(&self.threads, deadline) {
             self.shared.control.set_request(RunRequest::Run);
@@ -379,6 +384,7 @@ impl Vm {
 
     /// Lets paused vCPU threads run again (or starts them, for a VM restored paused).
     pub fn resume(&mut self) -> Result<()> {
+        self.paused_state = None;
         if self.threads.is_empty() {
             if let Some(clock) = self.paused_clock.take() {
                 self.set_clock(clock);
@@ -403,6 +409,7 @@ impl Vm {
     /// Stops and joins every vCPU thread.
     pub fn stop_vcpus(&mut self) {
         self.shared.control.set_request(RunRequest::Stop);
+        self.devices.idle_waker.wake();
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
             for t in self.threads.iter().filter(|t| !t.is_finished()) {

@@ -151,7 +151,11 @@ impl Vmm {
             R::VmmPing => ApiResponse::Json(
                 serde_json::to_value(VmmPingResponse {
                     build_version: env!("CARGO_PKG_VERSION").to_string(),
-                    version: format!("{} (trenv {})", api::CH_COMPAT_VERSION, env!("CARGO_PKG_VERSION")),
+                    version: format!(
+                        "{} (trenv {})",
+                        api::CH_COMPAT_VERSION,
+                        env!("CARGO_PKG_VERSION")
+                    ),
                     pid: std::process::id() as i64,
                     features: vec!["kvm".to_string(), "trenv".to_string()],
                 })
@@ -278,7 +282,9 @@ impl Vmm {
                 if self.config.is_some() {
                     ApiResponse::Error {
                         status: 500,
-                        chain: vec!["cannot restore: a VM is already created (PUT vm.delete first)".into()],
+                        chain: vec![
+                            "cannot restore: a VM is already created (PUT vm.delete first)".into(),
+                        ],
                     }
                 } else {
                     let options = crate::snapshot::RestoreOptions {
@@ -314,7 +320,11 @@ impl Vmm {
     }
 
     fn counters(&self) -> serde_json::Value {
-        let events = self.vm.as_ref().map(|vm| vm.guest_events().len()).unwrap_or(0);
+        let events = self
+            .vm
+            .as_ref()
+            .map(|vm| vm.guest_events().len())
+            .unwrap_or(0);
         serde_json::json!({
             "guest-signal": { "events": events },
         })
@@ -375,7 +385,11 @@ impl Vmm {
                 self.stop_vm();
                 event_monitor::emit(
                     "vm",
-                    if reason == ExitReason::PowerOff { "shutdown" } else { "reset" },
+                    if reason == ExitReason::PowerOff {
+                        "shutdown"
+                    } else {
+                        "reset"
+                    },
                     &[
                         ("vmm_rss_kib", rss_kib.to_string()),
                         ("vmm_hwm_kib", hwm_kib.to_string()),

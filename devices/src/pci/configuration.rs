@@ -88,7 +88,7 @@ impl PciConfiguration {
         if size < 16 || !size.is_power_of_two() || size > 1 << 31 {
             return Err(PciError::InvalidBarSize(size));
         }
-        if addr % size != 0 || addr.checked_add(size).is_none_or(|end| end > 1 << 32) {
+        if !addr.is_multiple_of(size) || addr.checked_add(size).is_none_or(|end| end > 1 << 32) {
             return Err(PciError::InvalidBar(index));
         }
         self.regs[BAR0_REG + index] = addr as u32;
@@ -142,7 +142,9 @@ impl PciConfiguration {
 
     /// Reads `len` (1..=4) bytes at `offset` as a little-endian integer; outside the header reads 0.
     pub fn read_field(&self, offset: usize, len: usize) -> u32 {
-        (0..len.min(4)).fold(0, |acc, i| acc | u32::from(self.byte(offset + i)) << (8 * i))
+        (0..len.min(4)).fold(0, |acc, i| {
+            acc | u32::from(self.byte(offset + i)) << (8 * i)
+        })
     }
 
     /// Sets a field regardless of the writable mask (device-side update).
@@ -276,7 +278,11 @@ mod tests {
         assert_ne!(c.read_reg(1) & STATUS_CAP_LIST, 0);
         assert_eq!(c.read_field(0x34, 1), 0x40);
         assert_eq!(c.read_field(0x40, 4), 0x0110_4809);
-        assert_eq!(c.read_field(0x48, 2), 0x0011, "last capability ends the list");
+        assert_eq!(
+            c.read_field(0x48, 2),
+            0x0011,
+            "last capability ends the list"
+        );
         // Capability bytes are read-only unless made writable.
         c.write_reg(0x48 / 4, 2, &[0xff, 0xff]);
         assert_eq!(c.read_field(0x4a, 2), 0);

@@ -46,7 +46,7 @@ impl fmt::Display for PciBdf {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum PciError {
     #[error("PCI slot {0} is already taken")]
     SlotTaken(u8),
@@ -60,6 +60,41 @@ pub enum PciError {
     InvalidBar(usize),
     #[error("BAR size {0:#x} is not a power of two of at least 16 bytes")]
     InvalidBarSize(u64),
+    #[error("no room for a {size:#x}-byte BAR in the PCI window")]
+    BarSpace {
+        size: u64,
+        #[source]
+        source: vm_allocator::Error,
+    },
+}
+
+/// Hands out naturally aligned BAR ranges from the 32-bit PCI window.
+pub struct BarAllocator {
+    inner: vm_allocator::AddressAllocator,
+}
+
+impl BarAllocator {
+    pub fn new(base: u64, size: u64) -> Result<Self, PciError> {
+        vm_allocator::AddressAllocator::new(base, size)
+            .map(|inner| Self { inner })
+            .map_err(|source| PciError::BarSpace { size, source })
+    }
+
+    /// A `size`-byte range aligned to `size` (BARs decode naturally aligned addresses).
+    pub fn allocate(&mut self, size: u64) -> Result<u64, PciError> {
+        self.inner
+            .allocate(size, size, vm_allocator::AllocPolicy::FirstMatch)
+            .map(|r| r.start())
+            .map_err(|source| PciError::BarSpace { size, source })
+    }
+
+    pub fn free(&mut self, addr: u64, size: u64) -> Result<(), PciError> {
+        let range = vm_allocator::RangeInclusive::new(addr, addr + size - 1)
+            .map_err(|source| PciError::BarSpace { size, source })?;
+        self.inner
+            .free(&range)
+            .map_err(|source| PciError::BarSpace { size, source })
+    }
 }
 
 /// A device function on the PCI bus.
@@ -77,4 +112,26 @@ pub trait PciDevice: Send {
         data.fill(0);
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bdf_format() {
+        assert_eq!(PciBdf::new(0, 5, 0).to_string(), "0000:00:05.0");
+        assert_eq!(PciBdf::new(0x12, 0x1f, 7).to_string(), "0000:12:1f.7");
+    }
+
+    #[test]
+    fn bars_are_naturally_aligned_and_bounded() {
+        let mut a = BarAllocator::new(0xc000_0000, 0x2000_0000).unwrap();
+        assert_eq!(a.allocate(0x1000).unwrap(), 0xc000_0000);
+        assert_eq!(a.allocate(0x8000).unwrap(), 0xc000_8000);
+        assert_eq!(a.allocate(0x1000).unwrap(), 0xc000_1000);
+        a.free(0xc000_8000, 0x8000).unwrap();
+        assert_eq!(a.allocate(0x8000).unwrap(), 0xc000_8000);
+        assert!(a.allocate(0x4000_0000).is_err());
+    }
 }

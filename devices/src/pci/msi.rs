@@ -41,6 +41,12 @@ impl GsiRoutingBackend for kvm_ioctls::VmFd {
     }
 }
 
+impl<T: GsiRoutingBackend + ?Sized> GsiRoutingBackend for Arc<T> {
+    fn set_gsi_routing(&self, entries: &[kvm_irq_routing_entry]) -> std::io::Result<()> {
+        (**self).set_gsi_routing(entries)
+    }
+}
+
 #[derive(Default)]
 struct Table {
     /// GSI -> message; an allocated GSI without a route is absent here.
@@ -181,9 +187,12 @@ impl MsiSender for IoapicRouteSender {
 pub(crate) mod test_util {
     use super::*;
 
+    /// One installed table: (GSI, address, data) per entry.
+    pub type Table = Vec<(u32, u64, u32)>;
+
     /// Records every table installed.
     #[derive(Clone, Default)]
-    pub struct RecordingBackend(pub Arc<Mutex<Vec<Vec<(u32, u64, u32)>>>>);
+    pub struct RecordingBackend(pub Arc<Mutex<Vec<Table>>>);
 
     impl GsiRoutingBackend for RecordingBackend {
         fn set_gsi_routing(&self, entries: &[kvm_irq_routing_entry]) -> std::io::Result<()> {
@@ -259,7 +268,10 @@ mod tests {
         r.set_ioapic_routes(&pins).unwrap();
         assert_eq!(
             backend.last(),
-            vec![(4, msg(2).address, msg(2).data), (24, msg(1).address, msg(1).data)]
+            vec![
+                (4, msg(2).address, msg(2).data),
+                (24, msg(1).address, msg(1).data)
+            ]
         );
         // Unchanged routes do not reinstall the table.
         let commits = backend.commits();

@@ -68,7 +68,8 @@ impl MsixTableEntry {
     }
 
     fn from_bytes(b: &[u8; 16]) -> Self {
-        let word = |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+        let word =
+            |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
         Self {
             addr_lo: word(0),
             addr_hi: word(1),

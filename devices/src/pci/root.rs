@@ -194,14 +194,12 @@ impl PciConfigIo {
 
     /// (bus, device, function, register) of the current address, if enabled.
     fn target(&self) -> Option<(u8, u8, u8, usize)> {
-        (self.address & CONFIG_ENABLE != 0).then(|| {
-            (
-                (self.address >> 16) as u8,
-                ((self.address >> 11) & 0x1f) as u8,
-                ((self.address >> 8) & 0x7) as u8,
-                ((self.address & 0xfc) >> 2) as usize,
-            )
-        })
+        (self.address & CONFIG_ENABLE != 0).then_some((
+            (self.address >> 16) as u8,
+            ((self.address >> 11) & 0x1f) as u8,
+            ((self.address >> 8) & 0x7) as u8,
+            ((self.address & 0xfc) >> 2) as usize,
+        ))
     }
 }
 
@@ -418,15 +416,24 @@ mod tests {
         let (root, _) = root_with_dummy();
         let mut root = root.lock().unwrap();
         let d: SharedPciDevice = Arc::new(Mutex::new(Dummy::new()));
-        assert_eq!(root.add_device(1, d.clone()), Err(PciError::SlotTaken(1)));
-        assert_eq!(root.add_device(0, d.clone()), Err(PciError::InvalidSlot(0)));
-        assert_eq!(root.add_device(32, d.clone()), Err(PciError::InvalidSlot(32)));
+        assert!(matches!(
+            root.add_device(1, d.clone()),
+            Err(PciError::SlotTaken(1))
+        ));
+        assert!(matches!(
+            root.add_device(0, d.clone()),
+            Err(PciError::InvalidSlot(0))
+        ));
+        assert!(matches!(
+            root.add_device(32, d.clone()),
+            Err(PciError::InvalidSlot(32))
+        ));
         for s in 2..32 {
             root.add_device(s, d.clone()).unwrap();
         }
-        assert_eq!(root.free_slot(), Err(PciError::NoFreeSlot));
+        assert!(matches!(root.free_slot(), Err(PciError::NoFreeSlot)));
         assert!(root.remove_device(0).is_none());
         assert!(root.remove_device(5).is_some());
-        assert_eq!(root.free_slot(), Ok(5));
+        assert_eq!(root.free_slot().unwrap(), 5);
     }
 }

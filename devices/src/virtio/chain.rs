@@ -25,7 +25,9 @@ pub struct Segment {
 pub enum ChainError {
     #[error("empty descriptor chain (head index out of range or unreadable)")]
     Empty,
-    #[error("descriptor chain truncated (a loop, longer than the queue, or an unreadable descriptor)")]
+    #[error(
+        "descriptor chain truncated (a loop, longer than the queue, or an unreadable descriptor)"
+    )]
     Truncated,
     #[error("a device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
@@ -99,8 +101,11 @@ fn pieces(segments: &[Segment], start: u64, len: u64) -> Vec<(GuestAddress, usiz
             continue;
         }
         let take = (seg_len - skip).min(left);
-        // In range: check_memory verified addr + len does not overflow.
-        out.push((s.addr.unchecked_add(skip), take as usize));
+        // A wrapping address ends the list short; callers check the length they got.
+        let Some(addr) = s.addr.checked_add(skip) else {
+            break;
+        };
+        out.push((addr, take as usize));
         skip = 0;
         left -= take;
     }
@@ -124,12 +129,12 @@ impl ParsedChain {
         Ok(())
     }
 
-    /// Readable bytes `offset..offset + len` as guest ranges (call after [`Self::check_memory`]).
+    /// Readable bytes `offset..offset + len` as guest ranges (unchecked: see [`Self::check_memory`]).
     pub fn readable_pieces(&self, offset: u64, len: u64) -> Vec<(GuestAddress, usize)> {
         pieces(&self.readable, offset, len)
     }
 
-    /// Writable bytes `offset..offset + len` as guest ranges (call after [`Self::check_memory`]).
+    /// Writable bytes `offset..offset + len` as guest ranges (unchecked: see [`Self::check_memory`]).
     pub fn writable_pieces(&self, offset: u64, len: u64) -> Vec<(GuestAddress, usize)> {
         pieces(&self.writable, offset, len)
     }

@@ -121,3 +121,46 @@ impl TestQueue {
         )
     }
 }
+
+/// A self-cleaning temporary directory (no extra dependency).
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("trenv-devices-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    /// Writes `bytes` to a file in the directory and returns its path.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Records interrupts and NEEDS_RESET.
+#[derive(Default)]
+pub struct RecordingInterrupt {
+    pub triggered: std::sync::Mutex<Vec<crate::virtio::VirtioInterruptType>>,
+    pub needs_reset: std::sync::atomic::AtomicBool,
+}
+
+impl crate::virtio::VirtioInterrupt for RecordingInterrupt {
+    fn trigger(&self, kind: crate::virtio::VirtioInterruptType) {
+        self.triggered.lock().unwrap().push(kind);
+    }
+    fn set_needs_reset(&self) {
+        self.needs_reset
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -18,6 +18,8 @@ mod e820;
 #[allow(dead_code)]
 mod pattern;
 #[allow(dead_code)]
+mod pci;
+#[allow(dead_code)]
 mod protocol;
 
 mod boot;
@@ -27,6 +29,7 @@ mod mem;
 mod power;
 mod serial;
 mod signal;
+mod virtio;
 mod workloads;
 
 use bootinfo::BootInfo;

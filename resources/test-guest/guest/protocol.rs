@@ -14,6 +14,8 @@ pub const SIGNAL_REG_CLOCK_NS: u64 = 0x18;
 pub const SIGNAL_REG_GENERATION_LO: u64 = 0x20;
 pub const SIGNAL_REG_GENERATION_HI: u64 = 0x28;
 /// "TRSG" read as a little-endian u32.
+/// The guest-idle device: a read of offset 0 blocks (at most ~10 ms) until the VMM has news for the guest.
+pub const IDLE_BASE: u64 = 0xfe00_2000;
 pub const SIGNAL_MAGIC: u32 = 0x4753_5254;
 pub const SIGNAL_VERSION: u32 = 1;
 
@@ -44,6 +46,9 @@ pub const WORKLOAD_ID_TOUCH: u64 = 2;
 pub const WORKLOAD_ID_FAULT: u64 = 3;
 pub const WORKLOAD_ID_IDLE: u64 = 4;
 pub const WORKLOAD_ID_SERVE: u64 = 5;
+pub const WORKLOAD_ID_PCI: u64 = 6;
+pub const WORKLOAD_ID_BLK: u64 = 7;
+pub const WORKLOAD_ID_RNG: u64 = 8;
 
 /// FAILURE arguments.
 pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;
@@ -53,6 +58,10 @@ pub const FAIL_ACPI: u64 = 4;
 pub const FAIL_NO_MEMORY: u64 = 5;
 pub const FAIL_MISMATCH: u64 = 6;
 pub const FAIL_PANIC: u64 = 7;
+/// The device a workload needs is not on PCI bus 0.
+pub const FAIL_NO_DEVICE: u64 = 8;
+/// A device misbehaved: initialisation refused, an error status, a timeout, bad data.
+pub const FAIL_DEVICE: u64 = 9;
 /// A CPU exception: FAIL_EXCEPTION_BASE + vector.
 pub const FAIL_EXCEPTION_BASE: u64 = 0x100;
 

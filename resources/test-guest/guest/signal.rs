@@ -57,3 +57,17 @@ pub fn generation() -> u128 {
     };
     (u128::from(hi) << 64) | u128::from(lo)
 }
+
+/// Waits without burning the host CPU: blocks in the VMM's guest-idle device until it has news (a restore,
+/// a pause) or ~10 ms pass. Without the signal device (not a TrEnv VMM) it spins briefly instead.
+pub fn idle() {
+    if !PRESENT.get() {
+        for _ in 0..10_000 {
+            core::hint::spin_loop();
+        }
+        return;
+    }
+    // SAFETY: the idle register of a TrEnv VMM (present with the signal device); reads have no side effect
+    // on guest state.
+    unsafe { (IDLE_BASE as *const u32).read_volatile() };
+}

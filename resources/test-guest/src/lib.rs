@@ -1,6 +1,7 @@
 //! TrEnv's test guest, built from `guest/` by build.rs (see PROTOCOL.md), and the host side of its
 //! protocol: the built image, the signal/failure codes, and the guest's pure-logic modules (command line,
-//! e820, ACPI walking, the `touch` pattern) so tests can predict and check what the guest does.
+//! e820, ACPI walking, the `touch` pattern, PCI enumeration and the virtio driver's pure parts) so tests can
+//! predict and check what the guest does.
 
 #[path = "../guest/acpi.rs"]
 pub mod acpi;
@@ -10,10 +11,20 @@ pub mod cmdline;
 pub mod e820;
 #[path = "../guest/pattern.rs"]
 pub mod pattern;
+#[path = "../guest/pci.rs"]
+pub mod pci;
 #[path = "../guest/protocol.rs"]
 mod protocol;
 
 pub use protocol::*;
+
+/// The pure parts of the guest's virtio-pci driver (guest/virtio/): capability parsing, split virtqueues,
+/// its DMA bump allocator and virtio-blk requests (`blk::checksum` is what the `blk` workload prints).
+#[path = "../guest/virtio/host.rs"]
+pub mod virtio;
+
+#[cfg(test)]
+mod pci_tests;
 
 /// The test guest ELF (static, linked at 1 MiB, Linux 64-bit boot protocol, no PVH note).
 pub const IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test-guest.elf"));

@@ -12,7 +12,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("trenv-bad-input-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("trenv-bad-input-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
@@ -50,7 +51,10 @@ fn run(command: &mut Command) -> Output {
 /// Asserts a failure reported as exactly one line that contains `expected`.
 fn assert_one_line_error(output: &Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(
+        !output.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
     assert_ne!(output.status.code(), None, "killed by a signal: {stderr}");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -93,9 +97,16 @@ fn truncated_kernel_leaves_no_serial_file() {
     let image = std::fs::read(test_guest_path()).unwrap();
     let kernel = scratch.file("truncated.elf", &image[..image.len().min(200)]);
     let serial = scratch.0.join("serial.log");
-    let out = trenv_with_kernel(&kernel, &["--serial", &format!("file={}", serial.display())]);
+    let out = trenv_with_kernel(
+        &kernel,
+        &["--serial", &format!("file={}", serial.display())],
+    );
     assert_one_line_error(&out, "kernel");
-    assert_eq!(scratch.entries(), vec!["truncated.elf".to_string()], "partial files left");
+    assert_eq!(
+        scratch.entries(),
+        vec!["truncated.elf".to_string()],
+        "partial files left"
+    );
 }
 
 #[test]
@@ -105,7 +116,12 @@ fn non_kernel_files() {
     let cases: [(&str, Vec<u8>); 3] = [
         ("empty", Vec::new()),
         ("text", b"#!/bin/sh\necho not a kernel\n".repeat(100)),
-        ("random", (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
+        (
+            "random",
+            (0..65536u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
     ];
     for (name, contents) in cases {
         let kernel = scratch.file(name, &contents);
@@ -153,10 +169,16 @@ fn kvm_device_absent() {
     require_kvm();
     // A private mount namespace with an empty /dev: the VMM sees no /dev/kvm at all.
     let kernel = test_guest_path();
-    let script = format!(
-        "mount -t tmpfs none /dev && exec {TRENV} --kernel {kernel} --memory size=64M"
-    );
-    let out = run(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]));
+    let script =
+        format!("mount -t tmpfs none /dev && exec {TRENV} --kernel {kernel} --memory size=64M");
+    let out = run(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
     assert_one_line_error(&out, "cannot open /dev/kvm");
 }
 
@@ -167,7 +189,14 @@ fn kvm_device_is_not_kvm() {
     let script = format!(
         "mount --bind /dev/null /dev/kvm && exec {TRENV} --kernel {kernel} --memory size=64M"
     );
-    let out = run(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]));
+    let out = run(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
     assert_one_line_error(&out, "not a KVM device");
 }
 

@@ -69,7 +69,11 @@ fn check_boot_output(stdout: &str, mem_size: u64, vcpus: u8, cmdline: &str) {
         "guest did not see our command line:\n{stdout}"
     );
     let seen: Vec<&str> = stdout.lines().filter(|l| l.starts_with("e820: ")).collect();
-    assert_eq!(seen, expected_e820_lines(mem_size), "e820 map as the guest saw it");
+    assert_eq!(
+        seen,
+        expected_e820_lines(mem_size),
+        "e820 map as the guest saw it"
+    );
     assert!(
         stdout
             .lines()
@@ -96,7 +100,10 @@ fn boot_workload_above_the_32bit_hole() {
     // 3.5 GiB: RAM continues above 4 GiB, which must show in the e820 map the guest reads.
     let out = boot_guest("boot", "3584M", 1);
     check_boot_output(&out, 3584 << 20, 1, &format!("{GUEST_CONSOLE} boot"));
-    assert!(out.contains("e820: [mem 0x0000000100000000-0x000000011fffffff] usable"), "{out}");
+    assert!(
+        out.contains("e820: [mem 0x0000000100000000-0x000000011fffffff] usable"),
+        "{out}"
+    );
 }
 
 fn check_touch(out: &str, mib: u64, seed: u64) {
@@ -108,7 +115,10 @@ fn check_touch(out: &str, mib: u64, seed: u64) {
         summary.starts_with(&format!("touch: mib={mib} seed={seed} pages={}", mib * 256)),
         "{summary}"
     );
-    assert!(out.lines().any(|l| l == "touch: ok"), "guest reported a mismatch:\n{out}");
+    assert!(
+        out.lines().any(|l| l == "touch: ok"),
+        "guest reported a mismatch:\n{out}"
+    );
 }
 
 #[test]
@@ -168,7 +178,10 @@ fn serial_to_file_and_events_to_monitor() {
     ];
     let (status, stdout, stderr) = run_to_exit(TRENV, &args, TIMEOUT);
     assert!(status.success(), "{stderr}");
-    assert!(stdout.is_empty(), "serial output leaked to stdout: {stdout}");
+    assert!(
+        stdout.is_empty(),
+        "serial output leaked to stdout: {stdout}"
+    );
     let text = std::fs::read_to_string(&serial).unwrap();
     check_boot_output(&text, 64 << 20, 1, &cmdline);
 
@@ -177,7 +190,11 @@ fn serial_to_file_and_events_to_monitor() {
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            format!("{}/{}", v["source"].as_str().unwrap(), v["event"].as_str().unwrap())
+            format!(
+                "{}/{}",
+                v["source"].as_str().unwrap(),
+                v["event"].as_str().unwrap()
+            )
         })
         .collect();
     let pos = |n: &str| {
@@ -243,7 +260,10 @@ fn i8042_reset_ends_the_vmm_cleanly() {
     let (status, stdout, stderr) = run_to_exit(TRENV, &args, TIMEOUT);
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains("boot: ok"), "{stdout}");
-    assert!(stderr.contains("guest Reset"), "the VMM did not see a reset:\n{stderr}");
+    assert!(
+        stderr.contains("guest Reset"),
+        "the VMM did not see a reset:\n{stderr}"
+    );
 }
 
 #[test]

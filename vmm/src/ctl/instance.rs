@@ -1,7 +1,9 @@
 //! Running VMs: each is a detached `trenv` process serving its API on `<run-dir>/<name>/api.sock`. This
-//! module starts one (spawn, wait for `vmm.ping`, `vm.create`, `vm.boot`), finds out whether one is alive
-//! (pid file plus /proc, guarding against pid reuse), talks to it, stops it and cleans up after it.
+//! module starts one (spawn, wait for `vmm.ping`, `vm.create`, `vm.boot`; or, from a template, spawn with
+//! `--restore` and wait for `vmm.ping`), finds out whether one is alive (pid file plus /proc, guarding
+//! against pid reuse), talks to it, stops it and cleans up after it.
 
+use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,8 +33,31 @@ pub struct Meta {
     /// Unix time in seconds.
     pub started_at: u64,
     pub pid: u32,
-    /// The config as sent to `vm.create`.
+    /// The config as sent to `vm.create` (for a restored VM: the template's, with the serial console
+    /// moved to this VM's socket).
     pub config: Value,
+    /// The template a restored VM came from; None for a booted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRecord>,
+}
+
+/// Which template a restored VM maps, as recorded in its run dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    /// The name it was started by (or the digest, when started by digest).
+    pub name: String,
+    pub digest: String,
+    /// The store object directory the VMM restored from.
+    pub dir: PathBuf,
+    /// cow, copy or ondemand.
+    pub mode: String,
+}
+
+/// A start that restores from a template instead of booting.
+pub struct RestoreRequest {
+    pub template: TemplateRecord,
+    /// Run the guest at once; otherwise it stays paused until `vm.resume`.
+    pub resume: bool,
 }
 
 /// What the run dir says about a VM.
@@ -221,9 +246,61 @@ pub fn console_config(config: &Value, console_socket: &Path) -> Value {
 /// Parameters of one `start`.
 pub struct StartRequest<'a> {
     pub name: &'a str,
+    /// The VM config to create (for a restore: the template's, recorded only).
     pub config: &'a Value,
     pub persistent: bool,
     pub trenv: &'a Path,
+    /// Restore from a template instead of `vm.create` + `vm.boot`.
+    pub restore: Option<&'a RestoreRequest>,
+}
+
+/// The arguments that make `trenv` restore `req` with its serial console on `console_socket`. The
+/// VMM splits `--restore` and `--serial` at commas and trims items, so paths that would not survive that
+/// are refused here rather than misread there.
+pub fn restore_args(
+    req: &RestoreRequest,
+    console_socket: &Path,
+) -> Result<Vec<OsString>, CtlError> {
+    let dir = req.template.dir.to_str().filter(|d| option_safe(d));
+    let socket = console_socket.to_str().filter(|s| option_safe(s));
+    let (Some(dir), Some(socket)) = (dir, socket) else {
+        let bad = if dir.is_none() {
+            &req.template.dir
+        } else {
+            console_socket
+        };
+        return Err(CtlError::UnusablePath(bad.to_path_buf()));
+    };
+    let mut spec = format!(
+        "source_url=file://{dir},memory_restore_mode={}",
+        req.template.mode
+    );
+    if req.resume {
+        spec.push_str(",resume=on");
+    }
+    Ok(vec![
+        "--restore".into(),
+        spec.into(),
+        "--serial".into(),
+        format!("socket={socket}").into(),
+    ])
+}
+
+/// An absolute UTF-8 path the VMM's `key=value,...` option syntax carries unchanged.
+fn option_safe(path: &str) -> bool {
+    path.starts_with('/') && !path.contains(',') && path.trim() == path
+}
+
+/// The config recorded for a VM restored with its serial console on `console_socket`.
+pub fn restored_config(template_config: &Value, console_socket: &Path) -> Value {
+    let mut config = template_config.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert(
+            "serial".into(),
+            json!({"mode": "Socket", "socket": console_socket}),
+        );
+    }
+    config
 }
 
 /// Spawns a detached VMM for `req.name`, creates and boots the VM; on any failure kills the VMM and
@@ -277,6 +354,9 @@ fn spawn_and_boot(paths: &VmPaths, req: &StartRequest<'_>) -> Result<u32, CtlErr
         .try_clone()
         .map_err(io_err("cannot duplicate the log descriptor".into()))?;
     let mut command = Command::new(req.trenv);
+    if let Some(restore) = req.restore {
+        command.args(restore_args(restore, &paths.console_socket)?);
+    }
     command
         .arg("--api-socket")
         .arg(&paths.api_socket)
@@ -327,13 +407,17 @@ fn spawn_and_boot(paths: &VmPaths, req: &StartRequest<'_>) -> Result<u32, CtlErr
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let config = console_config(req.config, &paths.console_socket);
+    let config = match req.restore {
+        Some(_) => restored_config(req.config, &paths.console_socket),
+        None => console_config(req.config, &paths.console_socket),
+    };
     let meta = Meta {
         name: req.name.to_string(),
         persistent: req.persistent,
         started_at: now_unix(),
         pid,
         config: config.clone(),
+        template: req.restore.map(|r| r.template.clone()),
     };
     write_atomic(
         &paths.meta,
@@ -342,14 +426,18 @@ fn spawn_and_boot(paths: &VmPaths, req: &StartRequest<'_>) -> Result<u32, CtlErr
             .as_bytes(),
     )
     .map_err(io_err(format!("cannot write {}", paths.meta.display())))?;
-    call(
-        req.name,
-        paths,
-        "PUT",
-        "vm.create",
-        Some(&config.to_string()),
-    )?;
-    call(req.name, paths, "PUT", "vm.boot", None)?;
+    // A restoring VMM answers its first ping only once the restore is done (or exits if it failed), so
+    // there is nothing left to ask it for.
+    if req.restore.is_none() {
+        call(
+            req.name,
+            paths,
+            "PUT",
+            "vm.create",
+            Some(&config.to_string()),
+        )?;
+        call(req.name, paths, "PUT", "vm.boot", None)?;
+    }
     // The child is not waited for: it is detached and outlives us (init reaps it).
     drop(child);
     Ok(pid)
@@ -443,6 +531,60 @@ mod tests {
         assert_eq!(c["serial"]["mode"], "Socket");
         let file = json!({"serial": {"mode": "File", "file": "/tmp/s.log"}});
         assert_eq!(console_config(&file, sock), file);
+    }
+
+    fn restore_request(dir: &str, resume: bool) -> RestoreRequest {
+        RestoreRequest {
+            template: TemplateRecord {
+                name: "t1".into(),
+                digest: "ab".repeat(32),
+                dir: dir.into(),
+                mode: "cow".into(),
+            },
+            resume,
+        }
+    }
+
+    #[test]
+    fn restore_arguments() {
+        let sock = Path::new("/run/trenv/i1/console.sock");
+        let args = restore_args(&restore_request("/store/objects/abc", true), sock).unwrap();
+        assert_eq!(
+            args,
+            [
+                "--restore",
+                "source_url=file:///store/objects/abc,memory_restore_mode=cow,resume=on",
+                "--serial",
+                "socket=/run/trenv/i1/console.sock"
+            ]
+        );
+        let paused = restore_args(&restore_request("/s", false), sock).unwrap();
+        assert_eq!(paused[1], "source_url=file:///s,memory_restore_mode=cow");
+        for bad in ["/a,b", "relative/dir", "/trailing "] {
+            assert!(matches!(
+                restore_args(&restore_request(bad, true), sock),
+                Err(CtlError::UnusablePath(_))
+            ));
+        }
+        assert!(restore_args(&restore_request("/s", true), Path::new("/r,x/c.sock")).is_err());
+    }
+
+    #[test]
+    fn restored_config_always_uses_the_console_socket() {
+        let sock = Path::new("/r/i1/console.sock");
+        let template = json!({"serial": {"mode": "File", "file": "/tmp/origin.log"}, "cpus": {"boot_vcpus": 2}});
+        let c = restored_config(&template, sock);
+        assert_eq!(
+            c["serial"],
+            json!({"mode": "Socket", "socket": "/r/i1/console.sock"})
+        );
+        assert_eq!(c["cpus"]["boot_vcpus"], 2);
+        // Records written before templates existed still parse.
+        let old = r#"{"name":"a","persistent":false,"started_at":1,"pid":2,"config":{}}"#;
+        assert!(serde_json::from_str::<Meta>(old)
+            .unwrap()
+            .template
+            .is_none());
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! is served on `<run-dir>/<name>/console.sock`, its output logged to `<run-dir>/<name>/trenv.log`, its pid
 //! kept in `<run-dir>/<name>/trenv.pid`. Defined VMs persist as `<state-dir>/vms/<name>.json`. Every
 //! command works from those files alone, so any number of trenvctl invocations may run side by side; a run
-//! dir whose process has gone is reported as shut off and removed.
+//! dir whose process has gone is reported as shut off and removed. Memory templates (`template ...`,
+//! `start --template`) live in a template store: see `template`.
 
 pub mod console;
 pub mod instance;
 pub mod paths;
 pub mod store;
+pub mod template;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -71,6 +73,28 @@ pub enum CtlError {
     },
     #[error("console of '{name}': {message}")]
     Console { name: String, message: String },
+    #[error("path {0} cannot be passed to trenv (it must be absolute UTF-8 without ',' or surrounding spaces)")]
+    UnusablePath(PathBuf),
+    #[error("template store {}", root.display())]
+    Store {
+        root: PathBuf,
+        #[source]
+        source: memory_template::StoreError,
+    },
+    #[error("template '{name}'")]
+    Template {
+        name: String,
+        #[source]
+        source: memory_template::StoreError,
+    },
+    #[error("template '{name}' ({digest}) is in use by {users}; stop them first or pass --force")]
+    TemplateInUse {
+        name: String,
+        digest: String,
+        users: String,
+    },
+    #[error("domain '{name}' is {state}: only a running or paused VM can become a template")]
+    NotSnapshottable { name: String, state: String },
 }
 
 #[derive(Parser, Debug)]
@@ -89,6 +113,9 @@ struct Cli {
     /// The trenv binary [env: TRENV_BIN] [default: trenv next to trenvctl, else PATH]
     #[arg(long, global = true, value_name = "PATH")]
     trenv: Option<PathBuf>,
+    /// Template store [env: TRENV_STORE_DIR] [default: /var/lib/trenv/templates]
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
     /// Print JSON instead of tables, for scripts
     #[arg(long, global = true)]
     json: bool,
@@ -112,8 +139,29 @@ enum Cmd {
     },
     /// Remove a VM's definition (a running VM keeps running, as a transient one)
     Undefine { name: String },
-    /// Start a defined VM
-    Start { name: String },
+    /// Start a defined VM; with --template, restore one from a template instead of booting it
+    Start {
+        /// The VM: a defined one, or with --template any new name (a transient VM)
+        #[arg(required_unless_present = "vm_name")]
+        name: Option<String>,
+        /// Restore from this template (name or digest) of the store
+        #[arg(long, value_name = "TEMPLATE")]
+        template: Option<String>,
+        /// The VM's name, for a transient VM restored with --template (instead of NAME)
+        #[arg(
+            long = "name",
+            value_name = "VM",
+            requires = "template",
+            conflicts_with = "name"
+        )]
+        vm_name: Option<String>,
+        /// How guest RAM is restored: cow (shared, copy-on-write), copy, ondemand
+        #[arg(long, requires = "template", default_value = "cow", value_parser = parse_mode)]
+        mode: memory_template::RestoreMode,
+        /// Leave the restored VM paused (attach its console, then `trenvctl resume`)
+        #[arg(long, requires = "template")]
+        paused: bool,
+    },
     /// Start a VM from a JSON file without defining it
     Create {
         file: PathBuf,
@@ -136,11 +184,21 @@ enum Cmd {
     Domstate { name: String },
     /// Attach to a VM's serial console (Ctrl+] detaches)
     Console { name: String },
+    /// Memory templates: create one from a running VM, list, inspect, verify, remove
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
+}
+
+fn parse_mode(raw: &str) -> Result<memory_template::RestoreMode, String> {
+    raw.parse()
+        .map_err(|_| format!("'{raw}': expected cow, copy or ondemand"))
 }
 
 struct Ctx {
     dirs: Dirs,
     trenv: Option<PathBuf>,
+    /// `--store`; None means TRENV_STORE_DIR or the default.
+    store: Option<PathBuf>,
     json: bool,
 }
 
@@ -155,6 +213,8 @@ struct Status {
     memory: Option<u64>,
     memory_actual: Option<u64>,
     uptime_s: Option<u64>,
+    /// The template a running VM was restored from.
+    template: Option<instance::TemplateRecord>,
 }
 
 impl Status {
@@ -173,6 +233,7 @@ impl Status {
             "api_socket": running.then(|| paths.api_socket.display().to_string()),
             "console_socket": running.then(|| paths.console_socket.display().to_string()),
             "log": running.then(|| paths.log.display().to_string()),
+            "template": self.template,
         })
     }
 }
@@ -227,6 +288,7 @@ fn status(ctx: &Ctx, name: &str) -> Result<Option<Status>, CtlError> {
                 memory,
                 memory_actual: actual,
                 uptime_s: meta.as_ref().map(instance::uptime_s),
+                template: meta.and_then(|m| m.template),
             }))
         }
         Liveness::Starting => Ok(Some(Status {
@@ -238,6 +300,7 @@ fn status(ctx: &Ctx, name: &str) -> Result<Option<Status>, CtlError> {
             memory: None,
             memory_actual: None,
             uptime_s: None,
+            template: None,
         })),
         Liveness::Absent | Liveness::Stale => Ok(def.map(|def| {
             let (vcpus, memory) = config_numbers(&def.config);
@@ -250,6 +313,7 @@ fn status(ctx: &Ctx, name: &str) -> Result<Option<Status>, CtlError> {
                 memory,
                 memory_actual: None,
                 uptime_s: None,
+                template: None,
             }
         })),
     }
@@ -368,6 +432,7 @@ fn start_with(ctx: &Ctx, name: &str, config: &Value, persistent: bool) -> Result
             config,
             persistent,
             trenv: &trenv,
+            restore: None,
         },
     )?;
     if ctx.json {
@@ -450,6 +515,7 @@ fn cmd_dominfo(ctx: &Ctx, name: &str) -> Result<(), CtlError> {
         ),
         ("Log", opt(running.then(|| paths.log.display().to_string()))),
         ("Uptime", opt(s.uptime_s.map(|u| format!("{u} s")))),
+        ("Template", opt(s.template.as_ref().map(template::describe))),
     ];
     for (k, v) in rows {
         println!("{:<15}{v}", format!("{k}:"));
@@ -493,13 +559,36 @@ fn run(cli: Cli) -> Result<(), CtlError> {
     let ctx = Ctx {
         dirs: Dirs::resolve(cli.run_dir, cli.state_dir),
         trenv: cli.trenv,
+        store: cli.store,
         json: cli.json,
     };
     match &cli.command {
         Cmd::List { all } => cmd_list(&ctx, *all),
         Cmd::Define { file, name } => cmd_define(&ctx, file, name.as_deref()),
         Cmd::Undefine { name } => cmd_undefine(&ctx, name),
-        Cmd::Start { name } => cmd_start(&ctx, name),
+        Cmd::Start {
+            name,
+            template: Some(template),
+            vm_name,
+            mode,
+            paused,
+        } => template::cmd_start(
+            &ctx,
+            &template::StartFromTemplate {
+                // clap guarantees exactly one of NAME and --name.
+                vm: name.as_deref().or(vm_name.as_deref()).unwrap_or_default(),
+                template,
+                mode: *mode,
+                paused: *paused,
+            },
+        ),
+        Cmd::Start { name, .. } => match name {
+            Some(name) => cmd_start(&ctx, name),
+            None => Err(CtlError::BadName {
+                name: String::new(),
+                reason: "--name is only for start --template",
+            }),
+        },
         Cmd::Create { file, name } => cmd_create(&ctx, file, name.as_deref()),
         Cmd::Shutdown { name } => cmd_shutdown(&ctx, name),
         Cmd::Destroy { name } => cmd_destroy(&ctx, name),
@@ -509,6 +598,7 @@ fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Dominfo { name } => cmd_dominfo(&ctx, name),
         Cmd::Domstate { name } => cmd_domstate(&ctx, name),
         Cmd::Console { name } => cmd_console(&ctx, name),
+        Cmd::Template(cmd) => template::run(&ctx, cmd),
     }
 }
 
@@ -565,11 +655,87 @@ mod tests {
     }
 
     #[test]
+    fn template_commands_parse() {
+        let cli = parse(&["template", "create", "t1", "--from-vm", "vm1", "--resume"]);
+        assert!(matches!(
+            cli.command,
+            Cmd::Template(template::TemplateCmd::Create { resume: true, .. })
+        ));
+        assert!(matches!(
+            parse(&["template", "rm", "t1", "--force"]).command,
+            Cmd::Template(template::TemplateCmd::Rm { force: true, .. })
+        ));
+        let cli = parse(&["--store", "/s", "start", "i1", "--template", "t1"]);
+        assert_eq!(cli.store, Some(PathBuf::from("/s")));
+        match cli.command {
+            Cmd::Start {
+                name,
+                template,
+                mode,
+                paused,
+                ..
+            } => {
+                assert_eq!(name.as_deref(), Some("i1"));
+                assert_eq!(template.as_deref(), Some("t1"));
+                assert_eq!(mode, memory_template::RestoreMode::Cow);
+                assert!(!paused);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "start",
+            "--template",
+            "t1",
+            "--name",
+            "i2",
+            "--mode",
+            "ondemand",
+        ])
+        .command
+        {
+            Cmd::Start {
+                name,
+                vm_name,
+                mode,
+                ..
+            } => {
+                assert_eq!((name, vm_name.as_deref()), (None, Some("i2")));
+                assert_eq!(mode, memory_template::RestoreMode::OnDemand);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A plain start still takes just a name; the template options need --template.
+        assert!(matches!(
+            parse(&["start", "vm"]).command,
+            Cmd::Start { template: None, .. }
+        ));
+        for bad in [
+            &["trenvctl", "start"][..],
+            &["trenvctl", "start", "vm", "--mode", "copy"],
+            &["trenvctl", "start", "--name", "x"],
+            &["trenvctl", "start", "a", "--template", "t", "--name", "b"],
+            &[
+                "trenvctl",
+                "start",
+                "a",
+                "--template",
+                "t",
+                "--mode",
+                "lazy",
+            ],
+            &["trenvctl", "template", "create", "t1"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn commands_on_unknown_vms_fail_clearly() {
         let root = std::env::temp_dir().join(format!("trenvctl-mod-{}", std::process::id()));
         let ctx = Ctx {
             dirs: Dirs::resolve(Some(root.join("run")), Some(root.join("state"))),
             trenv: None,
+            store: Some(root.join("store")),
             json: false,
         };
         assert!(matches!(

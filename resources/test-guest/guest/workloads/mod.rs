@@ -4,9 +4,12 @@
 //! WORKLOAD_DONE argument, Err = a FAIL_* code, after printing why), give it an id in protocol.rs and an
 //! entry in `WORKLOADS` listing the parameters it accepts. See PROTOCOL.md.
 
+mod blk;
 mod boot;
 mod fault;
 mod idle;
+mod pci;
+mod rng;
 mod serve;
 mod touch;
 
@@ -59,6 +62,24 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_FAULT,
         params: &["kind"],
         run: fault::run,
+    },
+    Workload {
+        name: "pci",
+        id: crate::protocol::WORKLOAD_ID_PCI,
+        params: &[],
+        run: pci::run,
+    },
+    Workload {
+        name: "blk",
+        id: crate::protocol::WORKLOAD_ID_BLK,
+        params: &["sectors", "seed", "write"],
+        run: blk::run,
+    },
+    Workload {
+        name: "rng",
+        id: crate::protocol::WORKLOAD_ID_RNG,
+        params: &["bytes"],
+        run: rng::run,
     },
 ];
 

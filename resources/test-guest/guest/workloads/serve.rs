@@ -24,6 +24,8 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
         })
     };
     let (heap_mib, seed, dirty_mib) = (param("heap", 16)?, param("seed", 1)?, param("dirty", 0)?);
+    // Read before anything else, so that a snapshot taken at any later point is seen as a clone.
+    let mut generation = signal::generation();
     if heap_mib == 0 || dirty_mib > heap_mib {
         println!("serve: error: need heap >= 1 and dirty <= heap (MiB)");
         return Err(FAIL_BAD_PARAMETER);
@@ -45,14 +47,11 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
     signal::send(SIGNAL_SERVE_HEAP, base);
     signal::send(SIGNAL_READY, WORKLOAD_ID_SERVE);
 
-    let mut generation = signal::generation();
     let mut instances = 0u64;
     loop {
         let now = signal::generation();
         if now == generation {
-            for _ in 0..200 {
-                core::hint::spin_loop();
-            }
+            signal::idle();
             continue;
         }
         generation = now;

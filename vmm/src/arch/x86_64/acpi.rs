@@ -1,5 +1,9 @@
-//! ACPI tables for a hardware-reduced x86_64 platform: RSDP, XSDT, FADT, MADT and DSDT, written to
+//! ACPI tables for a hardware-reduced x86_64 platform: RSDP, XSDT, FADT, MADT, MCFG and DSDT, written to
 //! the BIOS area [RSDP_START, ACPI_AREA_END) (reserved in the e820 map).
+//!
+//! PCI: one segment whose ECAM window (`layout::PCI_ECAM_*`) the MCFG describes, and a PCI Express root
+//! bridge `\_SB_.PCI0` in the DSDT whose _CRS gives bus 0, the 0xCF8 config ports and the 32-bit BAR
+//! window `layout::PCI_MMIO32_*`.
 //!
 //! The platform has no PIC, PIT, RTC or VGA; the IOAPIC is emulated by the VMM (split irqchip).
 //! Power off goes through the FADT sleep control register (a SystemIO port) with \_S5_'s SLP_TYP,
@@ -8,6 +12,7 @@
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -34,6 +39,11 @@ const MADT_HEADER_LEN: u32 = 44;
 const MADT_REVISION: u8 = 5;
 const DSDT_REVISION: u8 = 6;
 const TABLE_ALIGN: u64 = 16;
+/// Configuration mechanism #1 ports, claimed by the root bridge.
+const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
+const PCI_CONFIG_IO_LEN: u8 = 8;
+/// Buses behind the root bridge: only bus 0 exists, so the guest scans no more.
+const PCI_LAST_BUS: u16 = 0;
 
 /// What the ACPI tables describe.
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +107,8 @@ pub fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let crs = aml::Name::new("_CRS".into(), &com1_crs);
     aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut sb);
 
+    pci_root_bridge(&mut sb);
+
     body.extend(aml::Scope::raw("_SB_".into(), sb));
 
     let mut dsdt = Sdt::new(
@@ -109,6 +121,40 @@ pub fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     );
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+/// `\_SB_.PCI0`: a PCI Express root bridge (PNP0A08, compatible with PNP0A03) for segment 0, bus 0.
+fn pci_root_bridge(sink: &mut Vec<u8>) {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let buses = aml::AddressSpace::new_bus_number(0u16, PCI_LAST_BUS);
+    let config_io = aml::IO::new(PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT, 1, PCI_CONFIG_IO_LEN);
+    let mmio32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO32_START as u32,
+        (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32,
+        None,
+    );
+    let resources = aml::ResourceTemplate::new(vec![&buses, &config_io, &mmio32]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    aml::Device::new(
+        "PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// The MCFG: the ECAM window of segment 0, one MiB per bus.
+pub fn build_mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let last_bus = ((layout::PCI_ECAM_SIZE >> 20) - 1) as u8;
+    mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, last_bus);
+    to_bytes(&mcfg)
 }
 
 fn system_io_byte(port: u64) -> GAS {
@@ -184,10 +230,13 @@ pub fn create_acpi_tables(
     let fadt = build_fadt(GuestAddress(dsdt_addr));
     let madt_addr = align_up(fadt_addr + fadt.len() as u64);
     let madt = build_madt(cfg);
-    let xsdt_addr = align_up(madt_addr + madt.len() as u64);
+    let mcfg_addr = align_up(madt_addr + madt.len() as u64);
+    let mcfg = build_mcfg();
+    let xsdt_addr = align_up(mcfg_addr + mcfg.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt = to_bytes(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > layout::ACPI_AREA_END {
@@ -203,6 +252,7 @@ pub fn create_acpi_tables(
         ("DSDT", dsdt_addr, &dsdt),
         ("FADT", fadt_addr, &fadt),
         ("MADT", madt_addr, &madt),
+        ("MCFG", mcfg_addr, &mcfg),
         ("XSDT", xsdt_addr, &xsdt),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))
@@ -285,9 +335,16 @@ mod tests {
         assert_eq!(u32_at(&rsdp, 20), 36);
 
         let xsdt = table(&mem, u64_at(&rsdp, 24), b"XSDT");
-        assert_eq!(xsdt.len(), 36 + 16);
+        assert_eq!(xsdt.len(), 36 + 24);
         let fadt = table(&mem, u64_at(&xsdt, 36), b"FACP");
         let madt = table(&mem, u64_at(&xsdt, 44), b"APIC");
+        let mcfg = table(&mem, u64_at(&xsdt, 52), b"MCFG");
+
+        // MCFG: one allocation, ECAM base, segment 0, buses 0..=255.
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(&mcfg, 44), layout::PCI_ECAM_START);
+        assert_eq!(u16::from_le_bytes([mcfg[52], mcfg[53]]), 0);
+        assert_eq!((mcfg[54], mcfg[55]), (0, 255));
 
         // FADT: flags, reset and sleep registers, X_DSDT.
         assert_eq!(fadt.len(), 276);
@@ -339,6 +396,19 @@ mod tests {
         assert!(contains(&dsdt, &[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
         // IO descriptor 0x3f8..0x3f8, align 1, length 8.
         assert!(contains(&dsdt, &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]));
+
+        // PCI root bridge: PNP0A08 (0x080ad041) compatible with PNP0A03 (0x030ad041), its _CRS with
+        // bus 0..0, the 0xCF8 ports and the 32-bit window.
+        assert!(contains(&dsdt, b"PCI0"));
+        assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+        assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        assert!(contains(&dsdt, b"_SEG"));
+        assert!(contains(&dsdt, &[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+        // WordBusNumber: min 0, max 0, length 1.
+        assert!(contains(&dsdt, &[0x88, 0x0d, 0, 2]));
+        // DWordMemory: 0xc0000000..0xdfffffff.
+        let window = [0xc000_0000u32.to_le_bytes(), 0xdfff_ffffu32.to_le_bytes()].concat();
+        assert!(contains(&dsdt, &window));
     }
 
     #[test]

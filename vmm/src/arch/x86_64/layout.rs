@@ -15,6 +15,7 @@
 //!   0xe000_0000 .. 0xf000_0000  PCI ECAM (later)
 //!   0xfe00_0000                 guest-signal device (4 KiB)
 //!   0xfe00_1000                 16550 UART MMIO alias of ttyS0 (1-byte registers, regshift 0)
+//!   0xfe00_2000                 guest-idle device (a blocking read for guests that cannot halt)
 //!   0xfec0_0000                 IOAPIC (emulated by the VMM: split irqchip)
 //!   0xfee0_0000                 LAPIC (in KVM)
 //! Port I/O: 0x3f8-0x3ff UART (IRQ 4), 0x60-0x64 i8042 (reset), 0x3c0 ACPI sleep control, 0x3c1 sleep status
@@ -53,6 +54,8 @@ pub const GUEST_SIGNAL_START: u64 = 0xfe00_0000;
 pub const GUEST_SIGNAL_SIZE: u64 = 0x1000;
 pub const SERIAL_MMIO_START: u64 = 0xfe00_1000;
 pub const SERIAL_MMIO_SIZE: u64 = 0x1000;
+pub const GUEST_IDLE_START: u64 = 0xfe00_2000;
+pub const GUEST_IDLE_SIZE: u64 = 0x1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const IOAPIC_SIZE: u64 = 0x1000;
 pub const APIC_START: u64 = 0xfee0_0000;

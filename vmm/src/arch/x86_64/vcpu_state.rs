@@ -29,7 +29,11 @@ pub enum VcpuStateError {
     #[error("cannot build an MSR or CPUID list")]
     Fam(#[source] vmm_sys_util::fam::Error),
     #[error("KVM accepted {set} of {wanted} saved MSRs; it refused {index:#x}")]
-    MsrsPartial { set: usize, wanted: usize, index: u32 },
+    MsrsPartial {
+        set: usize,
+        wanted: usize,
+        index: u32,
+    },
 }
 
 type Result<T> = std::result::Result<T, VcpuStateError>;
@@ -157,12 +161,10 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> {
     set("debug registers", vcpu.set_debug_regs(&state.debugregs))?;
     set("LAPIC", vcpu.set_lapic(&state.lapic))?;
     let msrs = Msrs::from_entries(&state.msrs).map_err(VcpuStateError::Fam)?;
-    let written = vcpu
-        .set_msrs(&msrs)
-        .map_err(|source| VcpuStateError::Set {
-            what: "MSRs",
-            source,
-        })?;
+    let written = vcpu.set_msrs(&msrs).map_err(|source| VcpuStateError::Set {
+        what: "MSRs",
+        source,
+    })?;
     if written != state.msrs.len() {
         return Err(VcpuStateError::MsrsPartial {
             set: written,

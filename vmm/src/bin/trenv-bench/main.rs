@@ -1,0 +1,108 @@
+//! `trenv-bench`: TrEnv's benchmarks. Each prints one JSON object on stdout.
+//!
+//! - `boot`: VMM process spawn to the test guest's boot-complete signal, and the VMM's peak RSS.
+//! - `restore`: template restores in every memory mode, and the host memory N instances cost.
+//! - `api`: API round trips (ping) and vm.create+vm.boot latency.
+//!
+//! The VMM is this very binary re-executed in VMM mode (`trenv-bench __vmm ...` runs exactly `trenv`'s
+//! main), so `cargo run --bin trenv-bench` needs no other binary built first.
+
+mod api;
+mod boot;
+mod common;
+mod restore;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "trenv-bench", about = "TrEnv benchmarks (JSON output)")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// VMM start to the test guest's boot-complete signal.
+    Boot {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value = "256M")]
+        memory: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Print JSON (the only format; accepted for symmetry).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restores from one template in each memory mode: latency and host memory of many instances.
+    Restore {
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u64,
+        #[arg(long, default_value_t = 32)]
+        instances: usize,
+        /// MiB each instance writes after its restore.
+        #[arg(long, default_value_t = 8)]
+        dirty_mib: u64,
+        /// MiB of heap the template's guest built before the snapshot.
+        #[arg(long, default_value_t = 64)]
+        heap_mib: u64,
+        /// Modes to run, comma separated.
+        #[arg(long, default_value = "cow,copy,ondemand")]
+        modes: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// API latency: vmm.ping round trips and vm.create + vm.boot to Running.
+    Api {
+        #[arg(long, default_value_t = 2000)]
+        pings: usize,
+        #[arg(long, default_value_t = 20)]
+        boots: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == common::VMM_MODE) {
+        args.remove(1);
+        return vmm::cli::main_with_args(args);
+    }
+    let result = match Cli::parse().bench {
+        Bench::Boot {
+            runs,
+            memory,
+            vcpus,
+            ..
+        } => boot::run(runs.max(1), &memory, vcpus),
+        Bench::Restore {
+            mem_mib,
+            instances,
+            dirty_mib,
+            heap_mib,
+            modes,
+            ..
+        } => restore::run(&restore::Params {
+            mem_mib,
+            instances: instances.max(1),
+            dirty_mib,
+            heap_mib,
+            modes: modes.split(',').map(|m| m.trim().to_string()).collect(),
+        }),
+        Bench::Api { pings, boots, .. } => api::run(pings.max(1), boots.max(1)),
+    };
+    match result {
+        Ok(value) => {
+            println!("{value}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trenv-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! The PCI side of a VM: the root bus with its config access paths (ECAM on the MMIO bus, 0xCF8 on the
+//! port bus), the GSI routing table, and the virtio-pci devices built from the configuration, with their
+//! notification ioeventfds and MSI-X irqfds registered with KVM.
+//!
+//! Devices take slots 1, 2, ... in the order disks, then rng; BARs come from the 32-bit window
+//! `layout::PCI_MMIO32_*`. MSI-X vectors get GSIs from 24 up; the IOAPIC can share the same routing table
+//! through [`PciDevices::router`] (see `devices::pci::IoapicRouteSender`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::{
+    BarAllocator, InterruptRouter, PciBarBusDevice, PciBdf, PciConfigIo, PciConfigMmio, PciDevice,
+    PciRoot, RouterError,
+};
+use devices::virtio::block::{Block, BlockConfig, BlockError, DEFAULT_QUEUE_SIZE};
+use devices::virtio::rng::{Rng, RngError};
+use devices::virtio::transport::VirtioPciError;
+use devices::virtio::{GuestMemory, VirtioDevice, VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
+use devices::{Bus, BusError};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+
+use crate::arch::layout;
+
+/// Configuration mechanism #1 ports (0xCF8 address, 0xCFC-0xCFF data).
+pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
+pub const PCI_CONFIG_IO_SIZE: u64 = 8;
+
+/// A disk as the PCI layer needs it (the API's `DiskConfig` maps onto this).
+#[derive(Clone, Debug, Default)]
+pub struct DiskSpec {
+    /// Defaults to `_disk<N>` (N counts disks from 0), as Cloud Hypervisor names them.
+    pub id: Option<String>,
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub serial: Option<String>,
+    /// 0 means the default.
+    pub queue_size: u16,
+}
+
+/// The entropy device's source (the API's `RngConfig.src`).
+#[derive(Clone, Debug)]
+pub struct RngSpec {
+    pub src: PathBuf,
+}
+
+pub const RNG_ID: &str = "_rng";
+
+impl TryFrom<&api::models::DiskConfig> for DiskSpec {
+    type Error = PciError;
+
+    /// Only raw files are supported: vhost-user disks and multiple queues are refused.
+    fn try_from(d: &api::models::DiskConfig) -> Result<Self, PciError> {
+        let path = match (&d.path, d.vhost_user) {
+            (Some(path), false) => path.clone(),
+            _ => {
+                return Err(PciError::Unsupported(
+                    "a disk needs a path (vhost-user is not supported)",
+                ))
+            }
+        };
+        if d.num_queues > 1 {
+            return Err(PciError::Unsupported("disks have one queue"));
+        }
+        Ok(DiskSpec {
+            id: d.id.clone(),
+            path,
+            readonly: d.readonly,
+            serial: d.serial.clone(),
+            queue_size: d.queue_size,
+        })
+    }
+}
+
+impl From<&api::models::RngConfig> for RngSpec {
+    fn from(r: &api::models::RngConfig) -> Self {
+        RngSpec { src: r.src.clone() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    #[error("PCI")]
+    Pci(#[from] devices::pci::PciError),
+    #[error("cannot place a PCI device on the bus")]
+    Bus(#[from] BusError),
+    #[error("GSI routing")]
+    Router(#[from] RouterError),
+    #[error("virtio-pci device {id}")]
+    VirtioPci {
+        id: String,
+        #[source]
+        source: VirtioPciError,
+    },
+    #[error("disk {id}")]
+    Block {
+        id: String,
+        #[source]
+        source: BlockError,
+    },
+    #[error("rng")]
+    Rng(#[from] RngError),
+    #[error("unsupported device configuration: {0}")]
+    Unsupported(&'static str),
+    #[error("device id {0} is used twice")]
+    DuplicateId(String),
+    #[error("cannot register the notification ioeventfd of {id} at {addr:#x}")]
+    Ioeventfd {
+        id: String,
+        addr: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register the MSI-X irqfd of {id} for GSI {gsi}")]
+    Irqfd {
+        id: String,
+        gsi: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("PCI device state is not part of snapshots yet")]
+    SnapshotUnsupported,
+}
+
+struct Entry {
+    id: String,
+    bdf: PciBdf,
+    device: Arc<Mutex<VirtioPciDevice>>,
+}
+
+pub struct PciDevices {
+    vm: Arc<VmFd>,
+    router: Arc<InterruptRouter>,
+    root: Arc<Mutex<PciRoot>>,
+    bars: BarAllocator,
+    entries: Vec<Entry>,
+}
+
+impl PciDevices {
+    /// Builds the PCI segment and its devices and puts them on the buses (before they are shared with the
+    /// vCPUs). The routing table is new and owned here; use [`Self::with_router`] to share one with the
+    /// IOAPIC.
+    pub fn new(
+        vm: &Arc<VmFd>,
+        mem: &GuestMemory,
+        pio: &mut Bus,
+        mmio: &mut Bus,
+        disks: &[DiskSpec],
+        rng: Option<&RngSpec>,
+    ) -> Result<Self, PciError> {
+        let router = Arc::new(InterruptRouter::new(Box::new(vm.clone())));
+        Self::with_router(router, vm, mem, (pio, mmio), disks, rng)
+    }
+
+    pub fn with_router(
+        router: Arc<InterruptRouter>,
+        vm: &Arc<VmFd>,
+        mem: &GuestMemory,
+        (pio, mmio): (&mut Bus, &mut Bus),
+        disks: &[DiskSpec],
+        rng: Option<&RngSpec>,
+    ) -> Result<Self, PciError> {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        mmio.insert(
+            Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+            layout::PCI_ECAM_START,
+            layout::PCI_ECAM_SIZE,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            PCI_CONFIG_IO_PORT,
+            PCI_CONFIG_IO_SIZE,
+        )?;
+        let mut pci = Self {
+            vm: vm.clone(),
+            router,
+            root,
+            bars: BarAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)?,
+            entries: Vec::new(),
+        };
+        for (n, disk) in disks.iter().enumerate() {
+            let id = disk.id.clone().unwrap_or_else(|| format!("_disk{n}"));
+            let cfg = BlockConfig {
+                path: disk.path.clone(),
+                readonly: disk.readonly,
+                serial: disk.serial.clone(),
+                queue_size: if disk.queue_size == 0 {
+                    DEFAULT_QUEUE_SIZE
+                } else {
+                    disk.queue_size
+                },
+            };
+            let block = Block::new(id.clone(), &cfg).map_err(|source| PciError::Block {
+                id: id.clone(),
+                source,
+            })?;
+            pci.add_virtio(id, Box::new(block), mem, mmio)?;
+        }
+        if let Some(rng) = rng {
+            let device = Rng::new(&rng.src)?;
+            pci.add_virtio(RNG_ID.to_string(), Box::new(device), mem, mmio)?;
+        }
+        Ok(pci)
+    }
+
+    /// Adds a virtio device in the lowest free slot and returns its address.
+    pub fn add_virtio(
+        &mut self,
+        id: String,
+        device: Box<dyn VirtioDevice>,
+        mem: &GuestMemory,
+        mmio: &mut Bus,
+    ) -> Result<PciBdf, PciError> {
+        if self.entries.iter().any(|e| e.id == id) {
+            return Err(PciError::DuplicateId(id));
+        }
+        let slot = self.root_lock().free_slot()?;
+        let bar = self.bars.allocate(VIRTIO_PCI_BAR_SIZE)?;
+        let result = self.place(id, device, mem, mmio, slot, bar);
+        if result.is_err() {
+            let _ = self.bars.free(bar, VIRTIO_PCI_BAR_SIZE);
+        }
+        result
+    }
+
+    fn place(
+        &mut self,
+        id: String,
+        device: Box<dyn VirtioDevice>,
+        mem: &GuestMemory,
+        mmio: &mut Bus,
+        slot: u8,
+        bar: u64,
+    ) -> Result<PciBdf, PciError> {
+        let virtio =
+            VirtioPciDevice::new(id.clone(), device, mem.clone(), bar, self.router.clone())
+                .map_err(|source| PciError::VirtioPci {
+                    id: id.clone(),
+                    source,
+                })?;
+        // Register with KVM before the guest can see the device. Unregistering an ioeventfd is slow
+        // (~7 ms here), so they stay for the device's life.
+        for (addr, event) in virtio.ioeventfds() {
+            self.vm
+                .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|source| PciError::Ioeventfd {
+                    id: id.clone(),
+                    addr,
+                    source,
+                })?;
+        }
+        let irqfds = virtio.irqfds().map_err(|source| PciError::Irqfd {
+            id: id.clone(),
+            gsi: 0,
+            source,
+        })?;
+        for (gsi, fd) in &irqfds {
+            self.vm
+                .register_irqfd(fd, *gsi)
+                .map_err(|e| PciError::Irqfd {
+                    id: id.clone(),
+                    gsi: *gsi,
+                    source: e.into(),
+                })?;
+        }
+        let bars = virtio.bars();
+        let device = Arc::new(Mutex::new(virtio));
+        for b in bars {
+            mmio.insert(
+                Arc::new(Mutex::new(PciBarBusDevice::new(device.clone(), b.index))),
+                b.addr,
+                b.size,
+            )?;
+        }
+        let bdf = self.root_lock().add_device(slot, device.clone())?;
+        log::info!("pci: {id} at {bdf}, BAR0 {bar:#x}");
+        self.entries.push(Entry { id, bdf, device });
+        Ok(bdf)
+    }
+
+    fn root_lock(&self) -> std::sync::MutexGuard<'_, PciRoot> {
+        self.root.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The PCI address of device `id`, as `0000:00:05.0`.
+    pub fn bdf_of(&self, id: &str) -> Option<String> {
+        self.entries
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.bdf.to_string())
+    }
+
+    /// (id, bdf) of every device, in slot order of creation.
+    pub fn devices(&self) -> Vec<(String, String)> {
+        self.entries
+            .iter()
+            .map(|e| (e.id.clone(), e.bdf.to_string()))
+            .collect()
+    }
+
+    /// The virtio-pci device `id`, for inspection.
+    pub fn device(&self, id: &str) -> Option<Arc<Mutex<VirtioPciDevice>>> {
+        self.entries
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.device.clone())
+    }
+
+    /// The routing table MSI-X vectors live in; hand it to the IOAPIC (`IoapicRouteSender`) so both share
+    /// one `KVM_SET_GSI_ROUTING` owner.
+    pub fn router(&self) -> &Arc<InterruptRouter> {
+        &self.router
+    }
+
+    /// Snapshot support arrives with device state (issue 5, part 4).
+    pub fn state(&self) -> Result<(), PciError> {
+        Err(PciError::SnapshotUnsupported)
+    }
+
+    pub fn set_state(&mut self) -> Result<(), PciError> {
+        Err(PciError::SnapshotUnsupported)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{kvm_enable_cap, KVM_CAP_SPLIT_IRQCHIP};
+    use vm_memory::GuestAddress;
+
+    fn vm_fd() -> Option<Arc<VmFd>> {
+        let kvm = kvm_ioctls::Kvm::new().ok()?;
+        let vm = kvm.create_vm().ok()?;
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        cap.args[0] = 24;
+        vm.enable_cap(&cap).ok()?;
+        Some(Arc::new(vm))
+    }
+
+    fn read32(bus: &Bus, addr: u64) -> u32 {
+        let mut d = [0u8; 4];
+        bus.read(addr, &mut d).unwrap();
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn builds_devices_on_the_buses() {
+        let Some(vm) = vm_fd() else {
+            eprintln!("no usable /dev/kvm: skipped");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("trenv-pci-devices-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let disks = [
+            DiskSpec {
+                path: disk.clone(),
+                ..Default::default()
+            },
+            DiskSpec {
+                id: Some("data".into()),
+                path: disk.clone(),
+                readonly: true,
+                ..Default::default()
+            },
+        ];
+        let rng = RngSpec {
+            src: "/dev/urandom".into(),
+        };
+        let pci = PciDevices::new(&vm, &mem, &mut pio, &mut mmio, &disks, Some(&rng)).unwrap();
+        assert_eq!(pci.bdf_of("_disk0").as_deref(), Some("0000:00:01.0"));
+        assert_eq!(pci.bdf_of("data").as_deref(), Some("0000:00:02.0"));
+        assert_eq!(pci.bdf_of(RNG_ID).as_deref(), Some("0000:00:03.0"));
+        assert_eq!(pci.bdf_of("nope"), None);
+        assert!(pci.state().is_err());
+
+        // ECAM: host bridge, then virtio-blk, virtio-blk, virtio-rng.
+        let ecam = layout::PCI_ECAM_START;
+        assert_eq!(read32(&mmio, ecam), 0x0008_1b36);
+        assert_eq!(read32(&mmio, ecam + (1 << 15)), 0x1042_1af4);
+        assert_eq!(read32(&mmio, ecam + (3 << 15)), 0x1044_1af4);
+        assert_eq!(read32(&mmio, ecam + (4 << 15)), u32::MAX);
+        // The same through 0xCF8/0xCFC.
+        pio.write(
+            PCI_CONFIG_IO_PORT,
+            &(0x8000_0000u32 | 2 << 11).to_le_bytes(),
+        )
+        .unwrap();
+        assert_eq!(read32(&pio, PCI_CONFIG_IO_PORT + 4), 0x1042_1af4);
+        // BARs in the 32-bit window, each on the MMIO bus: num_queues of the first disk.
+        let bar0 = u64::from(read32(&mmio, ecam + (1 << 15) + 0x10));
+        assert!((layout::PCI_MMIO32_START..layout::PCI_ECAM_START).contains(&bar0));
+        let mut nq = [0u8; 2];
+        mmio.read(bar0 + 0x12, &mut nq).unwrap();
+        assert_eq!(u16::from_le_bytes(nq), 1);
+        let bar2 = u64::from(read32(&mmio, ecam + (3 << 15) + 0x10));
+        assert_ne!(bar0, bar2);
+
+        // API models convert; vhost-user and multi-queue disks are refused.
+        let mut api_disk = api::models::DiskConfig {
+            path: Some(disk.clone()),
+            readonly: true,
+            id: Some("x".into()),
+            ..Default::default()
+        };
+        let spec = DiskSpec::try_from(&api_disk).unwrap();
+        assert!(spec.readonly && spec.id.as_deref() == Some("x"));
+        api_disk.num_queues = 2;
+        assert!(DiskSpec::try_from(&api_disk).is_err());
+        api_disk.path = None;
+        assert!(DiskSpec::try_from(&api_disk).is_err());
+
+        // Duplicate ids are refused (a fresh VM: the first one has ioeventfds at these addresses).
+        let vm2 = vm_fd().unwrap();
+        let again = PciDevices::new(
+            &vm2,
+            &mem,
+            &mut Bus::new(),
+            &mut Bus::new(),
+            &[disks[1].clone(), disks[1].clone()],
+            None,
+        );
+        assert!(matches!(again, Err(PciError::DuplicateId(_))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
