@@ -10,9 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, ConsoleConfig, ConsoleMode, VmConfig};
+use crate::config::{self, ConsoleMode, VmConfig};
 use crate::vmm::{Vmm, VmmExit};
-use crate::{error_chain, event_monitor, logger, runner};
+use crate::{error_chain, event_monitor, logger};
 
 /// `--version`: the first line is what libvirt's Cloud Hypervisor driver parses; the second names trenv.
 fn version_text() -> String {
@@ -123,7 +123,7 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
         event_monitor::open(target).map_err(|e| format!("cannot open the event monitor: {e}"))?;
     }
     if let Some(Command::Demo { memory }) = &cli.command {
-        return demo(memory, start_ns);
+        return crate::demo::run(memory, start_ns);
     }
     let restore = cli
         .restore
@@ -241,55 +241,6 @@ fn start_api(
     Ok((receiver, wake))
 }
 
-fn demo(memory: &str, start_ns: u64) -> Result<(), String> {
-    let image =
-        crate::test_guest_image().map_err(|e| format!("cannot stage the test guest: {e}"))?;
-    let base = |cmdline: &str| -> Result<VmConfig, String> {
-        let config = VmConfig {
-            payload: config::PayloadConfig {
-                kernel: Some(image.clone()),
-                cmdline: Some(cmdline.to_string()),
-                ..Default::default()
-            },
-            memory: config::parse_memory(&format!("size={memory}")).map_err(|e| e.to_string())?,
-            serial: ConsoleConfig::with_mode(ConsoleMode::Tty),
-            ..Default::default()
-        };
-        config.validate().map_err(|e| e.to_string())?;
-        Ok(config)
-    };
-    println!("== trenv demo: booting the bundled test guest ({memory} RAM, 1 vCPU)");
-    let report = runner::run_vm(
-        &base(&format!("{} boot", crate::TEST_GUEST_CONSOLE))?,
-        start_ns,
-    )
-    .map_err(|e| error_chain(&e))?;
-    let boot_ms = report.boot_complete.map(|d| d.as_secs_f64() * 1e3);
-    println!(
-        "== guest {:?}: boot-complete signal {} after VMM start, powered off after {:.2} ms",
-        report.exit,
-        boot_ms
-            .map(|ms| format!("{ms:.2} ms"))
-            .unwrap_or_else(|| "never seen".into()),
-        report.total.as_secs_f64() * 1e3
-    );
-    println!("== touching 64 MiB in the guest at native speed (CPL3)");
-    let t0 = event_monitor::monotonic_ns();
-    let report = runner::run_vm(
-        &base(&format!(
-            "{} touch mib=64 seed=7",
-            crate::TEST_GUEST_CONSOLE
-        ))?,
-        t0,
-    )
-    .map_err(|e| error_chain(&e))?;
-    println!(
-        "== guest {:?} after {:.2} ms",
-        report.exit,
-        report.total.as_secs_f64() * 1e3
-    );
-    Ok(())
-}
 
 /// The VMM process's main function; `args` includes the program name.
 pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {

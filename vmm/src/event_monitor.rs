@@ -82,3 +82,52 @@ pub fn emit_at(monotonic_ns: u64, source: &str, event: &str, properties: &[(&str
         let _ = writeln!(file, "{value}");
     }
 }
+
+/// One record read back from an event-monitor file.
+#[derive(Debug, Clone)]
+pub struct RecordedEvent {
+    pub monotonic_ns: u64,
+    pub properties: serde_json::Value,
+}
+
+/// Finds the first `source`/`event` record in the text of an event-monitor file.
+pub fn find_event(events: &str, source: &str, event: &str) -> Option<RecordedEvent> {
+    events.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        if v["source"] != source || v["event"] != event {
+            return None;
+        }
+        let ns =
+            v["timestamp"]["secs"].as_u64()? * 1_000_000_000 + v["timestamp"]["nanos"].as_u64()?;
+        Some(RecordedEvent {
+            monotonic_ns: ns,
+            properties: v["properties"].clone(),
+        })
+    })
+}
+
+/// Waits until `source`/`event` appears in the event-monitor file at `path`, failing if `child` (the VMM
+/// writing it) exits first or `timeout` passes.
+pub fn wait_event(
+    path: &std::path::Path,
+    source: &str,
+    event: &str,
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> Result<RecordedEvent, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Some(e) = find_event(&text, source, event) {
+                return Ok(e);
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the VMM exited ({status}) before {source}/{event}"));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("no {source}/{event} within {timeout:?}"));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}

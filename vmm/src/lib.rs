@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod ctl;
 pub mod device_manager;
 pub mod event_monitor;

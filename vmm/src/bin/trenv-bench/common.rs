@@ -1,8 +1,7 @@
 //! What every benchmark shares: running this binary as the VMM, reading its event monitor, statistics.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 /// First argument that turns this binary into the VMM (`trenv`'s main, unchanged).
 pub const VMM_MODE: &str = "__vmm";
@@ -53,52 +52,7 @@ pub fn stage_guest(scratch: &Scratch) -> Result<PathBuf, String> {
     Ok(guest)
 }
 
-/// One event-monitor record.
-pub struct Event {
-    pub monotonic_ns: u64,
-    pub properties: serde_json::Value,
-}
-
-/// Finds `source`/`event` in an event-monitor file.
-pub fn find_event(events: &str, source: &str, event: &str) -> Option<Event> {
-    events.lines().find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        if v["source"] != source || v["event"] != event {
-            return None;
-        }
-        let ns =
-            v["timestamp"]["secs"].as_u64()? * 1_000_000_000 + v["timestamp"]["nanos"].as_u64()?;
-        Some(Event {
-            monotonic_ns: ns,
-            properties: v["properties"].clone(),
-        })
-    })
-}
-
-/// Waits until `source`/`event` shows up in the event file, failing if `child` exits first.
-pub fn wait_event(
-    path: &Path,
-    source: &str,
-    event: &str,
-    child: &mut Child,
-    timeout: Duration,
-) -> Result<Event, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Some(e) = find_event(&text, source, event) {
-                return Ok(e);
-            }
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the VMM exited ({status}) before {source}/{event}"));
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("no {source}/{event} within {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
+pub use vmm::event_monitor::{find_event, wait_event};
 
 /// Nearest-rank percentile of sorted samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
