@@ -250,6 +250,10 @@ impl Vm {
             }
         }
         writer.write_state(&state_bytes)?;
+        let working_set = self.touched_pages();
+        if !working_set.is_empty() {
+            writer.write_working_set(&working_set)?;
+        }
         let mut extra = std::collections::BTreeMap::new();
         extra.insert(
             "state_version".to_string(),
@@ -263,6 +267,36 @@ impl Vm {
             extra,
         })?;
         Ok(path)
+    }
+
+    /// Guest pages this VM has touched (present in this process's page tables), ascending guest-physical
+    /// addresses: the working set an on-demand restore prefetches. For a VM that was itself restored from a
+    /// template, these are exactly the pages it used since; for a cold-booted one, everything it touched.
+    fn touched_pages(&self) -> Vec<u64> {
+        use std::io::{Read, Seek, SeekFrom};
+        const PAGE: u64 = 4096;
+        let Ok(mut pagemap) = File::open("/proc/self/pagemap") else {
+            return Vec::new();
+        };
+        let mut pages = Vec::new();
+        for region in self.memory.iter() {
+            let host = region.as_ptr() as u64;
+            let count = region.len() / PAGE;
+            let mut entries = vec![0u8; count as usize * 8];
+            if pagemap.seek(SeekFrom::Start(host / PAGE * 8)).is_err()
+                || pagemap.read_exact(&mut entries).is_err()
+            {
+                return Vec::new();
+            }
+            for (i, entry) in entries.chunks_exact(8).enumerate() {
+                let bits = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+                // Bit 63: present in RAM; bit 62: swapped out. Either way the guest touched it.
+                if bits & (3 << 62) != 0 {
+                    pages.push(region.start_addr().0 + i as u64 * PAGE);
+                }
+            }
+        }
+        pages
     }
 
     fn capture_state(&self) -> Result<VmState, SnapshotError> {
@@ -311,6 +345,7 @@ impl Vm {
 
     /// Builds a VM from the template at `dir`, paused (call `resume` to run it).
     pub fn restore(kvm: Kvm, dir: &Path, options: &RestoreOptions) -> Result<Vm, VmError> {
+        log::debug!("restore: reading {}", dir.display());
         let manifest = format::read_manifest(dir).map_err(SnapshotError::from)?;
         let state_version = manifest.extra.get("state_version").and_then(|v| v.as_u64());
         if state_version != Some(u64::from(STATE_VERSION)) {
@@ -344,10 +379,14 @@ impl Vm {
             .into());
         }
 
+        log::debug!("restore: template checked");
         let lease = lease(dir)?;
         let (memory, ondemand) = map_template_memory(dir, &manifest, options)?;
-        let mut vm = Vm::create_with_memory(kvm, &config, memory)?;
+        log::debug!("restore: memory mapped ({})", options.mode);
+        let mut vm = Vm::create_with_memory(kvm, &config, memory, supported)?;
+        log::debug!("restore: VM created");
         vm.load_state(&state)?;
+        log::debug!("restore: state loaded");
         vm.backing = TemplateBacking {
             lease: Some(lease),
             ondemand,
@@ -381,12 +420,26 @@ impl Vm {
         // The clock is loaded when the vCPUs start, so that time spent paused after the restore does not
         // count as guest time.
         self.paused_clock = Some(state.clock);
+        self.set_generation_id(new_generation_id())?;
+        self.devices.idle_waker.wake();
+        Ok(())
+    }
+
+    /// Publishes a VM generation ID: in the ACPI VMGenID buffer (Linux's vmgenid driver) and in the
+    /// guest-signal device (the test guest).
+    pub(crate) fn set_generation_id(&self, id: u128) -> Result<(), SnapshotError> {
+        use vm_memory::Bytes;
+        self.memory
+            .write_slice(
+                &id.to_le_bytes(),
+                vm_memory::GuestAddress(crate::arch::layout::VMGENID_START),
+            )
+            .map_err(|e| SnapshotError::Memory(format!("VMGenID buffer: {e}")))?;
         self.devices
             .guest_signal
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .set_generation(new_generation_id());
-        self.devices.idle_waker.wake();
+            .set_generation(id);
         Ok(())
     }
 }

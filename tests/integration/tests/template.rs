@@ -160,6 +160,8 @@ fn check_restored(line: &str, template: &Template) -> String {
         "{line}"
     );
     assert_eq!(field(line, "instance"), "1", "{line}");
+    // The ACPI VMGenID buffer Linux would read carries the same new ID.
+    assert_eq!(field(line, "vmgenid"), field(line, "generation"), "{line}");
     field(line, "generation").to_string()
 }
 

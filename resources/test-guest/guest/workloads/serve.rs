@@ -78,8 +78,10 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
         }
         // SAFETY: as above.
         let first_after = unsafe { heap.read_volatile() };
+        // SAFETY: the VMGenID buffer is 16 bytes of reserved RAM below 1 MiB, identity-mapped.
+        let acpi_id = unsafe { (VMGENID_ADDR as *const u128).read_volatile() };
         println!(
-            "serve: restored generation={now:#034x} heap={} checksum={sum:#018x} first_before={first_before:#018x} first_after={first_after:#018x} dirty_mib={dirty_mib} instance={instances}",
+            "serve: restored generation={now:#034x} heap={} checksum={sum:#018x} first_before={first_before:#018x} first_after={first_after:#018x} dirty_mib={dirty_mib} instance={instances} vmgenid={acpi_id:#034x}",
             if heap_ok { "ok" } else { "CORRUPT" }
         );
         if !heap_ok {

@@ -108,6 +108,7 @@ pub fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut sb);
 
     pci_root_bridge(&mut sb);
+    vm_generation_id(&mut sb);
 
     body.extend(aml::Scope::raw("_SB_".into(), sb));
 
@@ -121,6 +122,19 @@ pub fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     );
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+/// `\_SB_.VGEN`: the VM generation ID device (Microsoft's VMGenID, which Linux's vmgenid driver binds to
+/// by its `VMGENCTR` id): `ADDR` names the guest-physical address of the 16-byte ID, which the VMM changes
+/// whenever the VM is restored from a template, so that a clone reseeds its RNG.
+fn vm_generation_id(sink: &mut Vec<u8>) {
+    let addr_lo = (layout::VMGENID_START & 0xffff_ffff) as u32;
+    let addr_hi = (layout::VMGENID_START >> 32) as u32;
+    let hid = aml::Name::new("_HID".into(), &"VMGENCTR");
+    let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
+    let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let addr = aml::Name::new("ADDR".into(), &aml::Package::new(vec![&addr_lo, &addr_hi]));
+    aml::Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr]).to_aml_bytes(sink);
 }
 
 /// `\_SB_.PCI0`: a PCI Express root bridge (PNP0A08, compatible with PNP0A03) for segment 0, bus 0.
@@ -400,6 +414,7 @@ mod tests {
         // PCI root bridge: PNP0A08 (0x080ad041) compatible with PNP0A03 (0x030ad041), its _CRS with
         // bus 0..0, the 0xCF8 ports and the 32-bit window.
         assert!(contains(&dsdt, b"PCI0"));
+        assert!(contains(&dsdt, b"VGEN") && contains(&dsdt, b"VMGENCTR") && contains(&dsdt, b"ADDR"));
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
         assert!(contains(&dsdt, b"_SEG"));

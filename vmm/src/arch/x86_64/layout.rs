@@ -8,7 +8,8 @@
 //! 0x0000_0540  boot IDT (empty)             0x0002_0000  kernel command line
 //! 0x0000_6000  PVH hvm_start_info + memmap  0x0009_fc00  EBDA (reserved) .. 0x10_0000
 //! 0x0000_7000  boot_params (zero page)      0x000e_0000  ACPI RSDP, then XSDT/FADT/MADT/DSDT
-//! 0x0000_8ff0  boot stack top               0x0010_0000  kernel / test guest load address
+//! 0x0000_8ff0  boot stack top               0x000f_f000  VMGenID buffer (16 bytes)
+//!                                           0x0010_0000  kernel / test guest load address
 //! RAM: [0, min(size, 3 GiB)) and, for larger guests, [4 GiB, 4 GiB + rest)
 //! 32-bit MMIO hole [3 GiB, 4 GiB):
 //!   0xc000_0000 .. 0xe000_0000  PCI 32-bit BAR window (virtio-pci, later)
@@ -37,8 +38,10 @@ pub const CMDLINE_START: u64 = 0x2_0000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: u64 = 0x9_fc00;
 pub const RSDP_START: u64 = 0xe_0000;
-/// The ACPI tables live in the BIOS area, reserved in the e820 map.
-pub const ACPI_AREA_END: u64 = 0x10_0000;
+/// The ACPI tables live in the BIOS area, reserved in the e820 map, below the VMGenID buffer.
+pub const ACPI_AREA_END: u64 = 0xf_f000;
+/// The 16-byte VM generation ID (ACPI VMGenID's buffer, named by the DSDT's `VGEN.ADDR`), in reserved memory.
+pub const VMGENID_START: u64 = 0xf_f000;
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 
 pub const MEM_32BIT_GAP_START: u64 = 0xc000_0000;
