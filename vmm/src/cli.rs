@@ -54,6 +54,12 @@ struct Cli {
     /// [,prefault=on][,resume=on]. The VM stays paused unless resume=on.
     #[arg(long, value_name = "OPTIONS", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
     restore: Option<String>,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID][,queue_size=N] (repeatable).
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<String>,
+    /// The virtio-rng entropy source: src=PATH (default /dev/urandom).
+    #[arg(long, value_name = "OPTIONS")]
+    rng: Option<String>,
     /// off (the virtio console arrives with the virtio devices)
     #[arg(long, value_name = "MODE", default_value = "off")]
     console: String,
@@ -105,6 +111,11 @@ fn config_from_cli(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
         memory: config::parse_memory(&cli.memory)?,
         serial,
         console,
+        disks: parse_disks(&cli.disk)?,
+        rng: match &cli.rng {
+            Some(raw) => parse_rng(raw)?,
+            None => Default::default(),
+        },
         ..Default::default()
     };
     config.validate()?;
@@ -183,6 +194,39 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
     }
 }
 
+/// `--disk` values in Cloud Hypervisor's syntax, converted exactly as `trenv-remote add-disk` does.
+fn parse_disks(
+    raw: &[String],
+) -> Result<Option<Vec<api::models::DiskConfig>>, config::ConfigError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.iter()
+        .map(|spec| {
+            let invalid = |reason: String| config::ConfigError::Invalid {
+                option: "--disk",
+                value: spec.clone(),
+                reason,
+            };
+            let request = crate::remote::device_request(crate::remote::DeviceKind::Disk, spec)
+                .map_err(|e| invalid(e.to_string()))?;
+            serde_json::from_value(request.body).map_err(|e| invalid(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn parse_rng(raw: &str) -> Result<api::models::RngConfig, config::ConfigError> {
+    let p = config::OptionParser::parse("--rng", raw, &["src"])?;
+    match p.get("src") {
+        Some(src) if !src.is_empty() => Ok(api::models::RngConfig {
+            src: src.into(),
+            ..Default::default()
+        }),
+        _ => Err(p.invalid("src=PATH is required")),
+    }
+}
+
 /// `--restore source_url=..,memory_restore_mode=..,prefault=on,resume=on`.
 fn restore_from_cli(
     raw: &str,
@@ -240,7 +284,6 @@ fn start_api(
         .map_err(|e| format!("cannot start the API server: {e}"))?;
     Ok((receiver, wake))
 }
-
 
 /// The VMM process's main function; `args` includes the program name.
 pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {

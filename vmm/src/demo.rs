@@ -53,7 +53,8 @@ fn boot_config(image: &Path, memory: &str, cmdline: &str) -> Result<VmConfig, St
 }
 
 pub fn run(memory: &str, start_ns: u64) -> Result<(), String> {
-    let image = crate::test_guest_image().map_err(|e| format!("cannot stage the test guest: {e}"))?;
+    let image =
+        crate::test_guest_image().map_err(|e| format!("cannot stage the test guest: {e}"))?;
     println!("== trenv demo: booting the bundled test guest ({memory} RAM, 1 vCPU)");
     let report = runner::run_vm(&boot_config(&image, memory, "boot")?, start_ns)
         .map_err(|e| error_chain(&e))?;
@@ -70,7 +71,11 @@ pub fn run(memory: &str, start_ns: u64) -> Result<(), String> {
     let t0 = monotonic_ns();
     let report = runner::run_vm(&boot_config(&image, memory, "touch mib=64 seed=7")?, t0)
         .map_err(|e| error_chain(&e))?;
-    println!("== guest {:?} after {:.2} ms", report.exit, report.total.as_secs_f64() * 1e3);
+    println!(
+        "== guest {:?} after {:.2} ms",
+        report.exit,
+        report.total.as_secs_f64() * 1e3
+    );
     templates(memory)
 }
 
@@ -93,7 +98,10 @@ fn api(socket: &Path, endpoint: &str, body: Option<&str>) -> Result<(), String> 
         .request("PUT", endpoint, body, &[])
         .map_err(|e| format!("{endpoint}: {e}"))?;
     if status >= 300 {
-        return Err(format!("{endpoint}: HTTP {status}: {}", api::client::error_message(&text)));
+        return Err(format!(
+            "{endpoint}: HTTP {status}: {}",
+            api::client::error_message(&text)
+        ));
     }
     Ok(())
 }
@@ -152,7 +160,10 @@ fn templates(memory: &str) -> Result<(), String> {
         let t0 = monotonic_ns();
         let mut clone = vmm(&[
             "--restore".into(),
-            format!("source_url=file://{},memory_restore_mode=cow,resume=on", template.display()),
+            format!(
+                "source_url=file://{},memory_restore_mode=cow,resume=on",
+                template.display()
+            ),
             "--serial".into(),
             format!("file={}", serial.display()),
             "--event-monitor".into(),
@@ -172,7 +183,8 @@ fn templates(memory: &str) -> Result<(), String> {
     println!("   clone  restore(ms)  PSS(MiB)  private(MiB)  shared(MiB)");
     let mut pss_total = 0.0;
     for (i, (clone, restore_ms, _)) in clones.iter().enumerate() {
-        let usage = memory_template::sharing::process_memory(clone.0.id()).map_err(|e| e.to_string())?;
+        let usage =
+            memory_template::sharing::process_memory(clone.0.id()).map_err(|e| e.to_string())?;
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         pss_total += mib(usage.pss);
         println!(

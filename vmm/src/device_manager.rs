@@ -10,16 +10,19 @@ use devices::acpi_pm::AcpiPmDevice;
 use devices::exit::ExitNotifier;
 use devices::guest_idle::{GuestIdleDevice, IdleWaker};
 use devices::guest_signal::{event_name, GuestEvent, GuestSignalDevice};
-use devices::ioapic::{Ioapic, IrqLine, KvmMsiSender};
+use devices::ioapic::{Ioapic, IrqLine};
 use devices::legacy::i8042::I8042Device;
 use devices::legacy::serial::SerialDevice;
+use devices::pci::msi::{InterruptRouter, IoapicRouteSender};
 use devices::{Bus, BusError};
 use kvm_ioctls::VmFd;
 
 use crate::arch::layout;
-use crate::config::{ConsoleConfig, ConsoleMode};
+use crate::config::{ConsoleConfig, ConsoleMode, VmConfig};
 use crate::event_monitor;
+use crate::pci_devices::{DiskSpec, PciDevices, RngSpec};
 use crate::serial_socket::SerialSocket;
+use vm_memory::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -45,6 +48,8 @@ pub enum DeviceError {
         "serial mode {0:?} is not supported yet (use off, null, tty, file=PATH or socket=PATH)"
     )]
     UnsupportedSerialMode(ConsoleMode),
+    #[error("PCI devices")]
+    Pci(#[from] crate::pci_devices::PciError),
     #[error("cannot create the exit event")]
     ExitEvent(#[source] std::io::Error),
 }
@@ -59,6 +64,8 @@ pub struct DeviceManager {
     pub guest_signal: Arc<Mutex<GuestSignalDevice>>,
     /// Ends guests' idle waits (on restore, pause and stop).
     pub idle_waker: IdleWaker,
+    /// The PCI segment: host bridge and virtio-pci devices.
+    pub pci: PciDevices,
     /// Guest milestones in arrival order, for the VMM's own reporting (boot time, ready).
     pub guest_events: Arc<Mutex<Vec<GuestEvent>>>,
 }
@@ -96,12 +103,22 @@ fn serial_output(config: &ConsoleConfig) -> Result<Option<SerialOutput>, DeviceE
 }
 
 impl DeviceManager {
-    pub fn new(vm: Arc<VmFd>, serial_config: &ConsoleConfig) -> Result<Self, DeviceError> {
+    pub fn new(
+        vm: Arc<VmFd>,
+        config: &VmConfig,
+        memory: &GuestMemoryMmap,
+    ) -> Result<Self, DeviceError> {
+        let serial_config = &config.serial;
         let exit = ExitNotifier::new().map_err(DeviceError::ExitEvent)?;
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
-        let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(KvmMsiSender(vm)))));
+        // One GSI routing table for the IOAPIC's pins and the PCI devices' MSI-X vectors: KVM has one.
+        let router = Arc::new(InterruptRouter::new(Box::new(vm.clone())));
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(IoapicRouteSender {
+            vm: vm.clone(),
+            router: router.clone(),
+        }))));
         mmio.insert(ioapic.clone(), layout::IOAPIC_START, layout::IOAPIC_SIZE)?;
 
         let serial = match serial_output(serial_config)? {
@@ -169,6 +186,22 @@ impl DeviceManager {
             layout::GUEST_SIGNAL_SIZE,
         )?;
 
+        let disks = config
+            .disks
+            .iter()
+            .flatten()
+            .map(DiskSpec::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let rng = Some(RngSpec::from(&config.rng));
+        let pci = PciDevices::with_router(
+            router,
+            &vm,
+            memory,
+            (&mut pio, &mut mmio),
+            &disks,
+            rng.as_ref(),
+        )?;
+
         let idle_waker = IdleWaker::default();
         mmio.insert(
             Arc::new(Mutex::new(GuestIdleDevice::new(idle_waker.clone()))),
@@ -184,6 +217,7 @@ impl DeviceManager {
             exit,
             guest_signal,
             idle_waker,
+            pci,
             guest_events,
         })
     }

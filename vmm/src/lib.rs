@@ -7,8 +7,8 @@
 pub mod arch;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod ctl;
+pub mod demo;
 pub mod device_manager;
 pub mod event_monitor;
 pub mod logger;

@@ -300,6 +300,20 @@ impl Vm {
     }
 
     fn capture_state(&self) -> Result<VmState, SnapshotError> {
+        // Virtio devices the guest has started hold queue state that cannot be saved yet: refuse rather
+        // than write a template whose devices would come back reset under a running driver.
+        for (id, _) in self.devices.pci.devices() {
+            let started = self
+                .devices
+                .pci
+                .device(&id)
+                .is_some_and(|d| d.lock().unwrap_or_else(|e| e.into_inner()).status() != 0);
+            if started {
+                return Err(SnapshotError::Device(format!(
+                    "the guest has initialised virtio device '{id}'; saving virtio device state is not supported yet"
+                )));
+            }
+        }
         let msr_indices = vcpu_state::msrs_to_save(&self.kvm)
             .map_err(|source| SnapshotError::SaveVcpu { id: 0, source })?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());

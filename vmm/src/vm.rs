@@ -169,7 +169,7 @@ impl Vm {
             .set_tss_address(0xfffb_d000)
             .map_err(VmError::TssAddress)?;
 
-        let devices = DeviceManager::new(vm_fd.clone(), &config.serial)?;
+        let devices = DeviceManager::new(vm_fd.clone(), config, &memory)?;
 
         let mut vcpus = Vec::new();
         for id in 0..config.cpus.boot_vcpus {
@@ -257,8 +257,13 @@ impl Vm {
             use vm_memory::Bytes;
             let id = crate::snapshot::new_generation_id();
             self.memory
-                .write_slice(&id.to_le_bytes(), vm_memory::GuestAddress(layout::VMGENID_START))
-                .map_err(|e| VmError::GuestMemory(format!("cannot write the VMGenID buffer: {e}")))?;
+                .write_slice(
+                    &id.to_le_bytes(),
+                    vm_memory::GuestAddress(layout::VMGENID_START),
+                )
+                .map_err(|e| {
+                    VmError::GuestMemory(format!("cannot write the VMGenID buffer: {e}"))
+                })?;
         }
         let cmdline = payload.cmdline.clone().unwrap_or_default();
         arch::boot::configure_boot(

@@ -444,8 +444,13 @@ pub fn restore_mode(mode: api::models::MemoryRestoreMode) -> memory_template::im
 /// booting a VM without what was asked for.
 fn unsupported_feature(config: &VmConfig) -> Option<&'static str> {
     let non_empty = |len: Option<usize>| len.is_some_and(|n| n > 0);
-    if non_empty(config.disks.as_ref().map(Vec::len)) {
-        return Some("disks (virtio-blk)");
+    if config
+        .disks
+        .iter()
+        .flatten()
+        .any(|d| d.vhost_user || d.num_queues > 1)
+    {
+        return Some("vhost-user or multi-queue disks");
     }
     if non_empty(config.net.as_ref().map(Vec::len)) {
         return Some("net (virtio-net)");

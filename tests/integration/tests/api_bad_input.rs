@@ -13,7 +13,9 @@ const TRENV: &str = env!("CARGO_BIN_EXE_trenv");
 /// Sends raw bytes on a fresh connection and returns the status code of the reply (0 if none).
 fn raw(socket: &std::path::Path, bytes: &[u8]) -> (u16, String) {
     let mut stream = UnixStream::connect(socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let _ = stream.write_all(bytes);
     let mut reply = Vec::new();
     let mut buf = [0u8; 4096];
@@ -52,7 +54,10 @@ fn assert_json_error(status: u16, expected: u16, body: &str) {
     let json_start = body.find("\r\n\r\n").map(|i| i + 4).unwrap_or(0);
     let chain: Vec<String> = serde_json::from_str(&body[json_start..])
         .unwrap_or_else(|e| panic!("error body is not a JSON array of strings ({e}): {body}"));
-    assert!(!chain.is_empty() && chain.iter().all(|s| !s.is_empty()), "{body}");
+    assert!(
+        !chain.is_empty() && chain.iter().all(|s| !s.is_empty()),
+        "{body}"
+    );
 }
 
 #[test]
@@ -61,12 +66,22 @@ fn bad_requests_leave_the_vmm_serving_and_the_guest_running() {
     let dir = std::env::temp_dir().join(format!("trenv-api-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("api.sock");
-    let vmm = VmmProcess::spawn(TRENV, &["--api-socket", socket.to_str().unwrap(), "--serial", "tty"]);
+    let vmm = VmmProcess::spawn(
+        TRENV,
+        &["--api-socket", socket.to_str().unwrap(), "--serial", "tty"],
+    );
     let client = ApiClient::new(&socket);
     client.wait_until_ready(Duration::from_secs(10)).unwrap();
 
     // Wrong state before anything exists.
-    for endpoint in ["vm.boot", "vm.pause", "vm.resume", "vm.shutdown", "vm.reboot", "vm.delete"] {
+    for endpoint in [
+        "vm.boot",
+        "vm.pause",
+        "vm.resume",
+        "vm.shutdown",
+        "vm.reboot",
+        "vm.delete",
+    ] {
         let (status, body) = client.request("PUT", endpoint, None, &[]).unwrap();
         assert_eq!(status, 404, "{endpoint} before create: {body}");
     }
@@ -78,9 +93,13 @@ fn bad_requests_leave_the_vmm_serving_and_the_guest_running() {
         "memory": {"size": 134217728u64},
         "serial": {"mode": "Tty"},
     });
-    let (status, body) = client.request("PUT", "vm.create", Some(&config.to_string()), &[]).unwrap();
+    let (status, body) = client
+        .request("PUT", "vm.create", Some(&config.to_string()), &[])
+        .unwrap();
     assert_eq!(status, 204, "{body}");
-    let (status, body) = client.request("PUT", "vm.create", Some(&config.to_string()), &[]).unwrap();
+    let (status, body) = client
+        .request("PUT", "vm.create", Some(&config.to_string()), &[])
+        .unwrap();
     assert!(status >= 400, "second create must fail: {body}");
     let (status, body) = client.request("PUT", "vm.boot", None, &[]).unwrap();
     assert_eq!(status, 204, "{body}");
@@ -91,7 +110,8 @@ fn bad_requests_leave_the_vmm_serving_and_the_guest_running() {
     // A client that connects and says nothing must not hold up others.
     let _staller = UnixStream::connect(&socket).unwrap();
     let mut half = UnixStream::connect(&socket).unwrap();
-    half.write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 10\r\n\r\n{").unwrap();
+    half.write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        .unwrap();
 
     let head = |method: &str, path: &str, extra: &str, body: &str| {
         format!(
@@ -101,23 +121,61 @@ fn bad_requests_leave_the_vmm_serving_and_the_guest_running() {
     };
     let cases: Vec<(String, u16)> = vec![
         (head("PUT", "/api/v1/vm.create", "", "{not json"), 400),
-        (head("PUT", "/api/v1/vm.create", "", r#"{"cpus":{"boot_vcpus":"two"}}"#), 400),
-        (head("PUT", "/api/v1/vm.resize", "", r#"{"desired_vcpus":-1}"#), 400),
+        (
+            head(
+                "PUT",
+                "/api/v1/vm.create",
+                "",
+                r#"{"cpus":{"boot_vcpus":"two"}}"#,
+            ),
+            400,
+        ),
+        (
+            head("PUT", "/api/v1/vm.resize", "", r#"{"desired_vcpus":-1}"#),
+            400,
+        ),
         (head("GET", "/api/v1/vm.boot", "", ""), 405),
         (head("DELETE", "/api/v1/vm.info", "", ""), 405),
         (head("GET", "/api/v1/vm.nonsense", "", ""), 404),
         (head("GET", "/api/v2/vm.info", "", ""), 404),
-        (head("PUT", "/api/v1/vm.pause", "", r#"{"unexpected":"body"}"#), 400),
+        (
+            head("PUT", "/api/v1/vm.pause", "", r#"{"unexpected":"body"}"#),
+            400,
+        ),
         (head("PUT", "/api/v1/vm.boot", "", ""), 500),
         (head("PUT", "/api/v1/vm.resume", "", ""), 500),
-        (head("PUT", "/api/v1/vm.snapshot", "", r#"{"destination_url":"file:///tmp/x"}"#), 500),
-        (head("PUT", "/api/v1/vm.add-disk", "", r#"{"path":"/nonexistent"}"#), 501),
         (
-            head("GET", "/api/v1/vm.info", &format!("X-Big: {}\r\n", "a".repeat(20_000)), ""),
+            head(
+                "PUT",
+                "/api/v1/vm.snapshot",
+                "",
+                r#"{"destination_url":"file:///tmp/x"}"#,
+            ),
+            500,
+        ),
+        (
+            head(
+                "PUT",
+                "/api/v1/vm.add-disk",
+                "",
+                r#"{"path":"/nonexistent"}"#,
+            ),
+            501,
+        ),
+        (
+            head(
+                "GET",
+                "/api/v1/vm.info",
+                &format!("X-Big: {}\r\n", "a".repeat(20_000)),
+                "",
+            ),
             431,
         ),
         (
-            format!("PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 2 << 20),
+            format!(
+                "PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                2 << 20
+            ),
             413,
         ),
     ];
@@ -132,9 +190,14 @@ fn bad_requests_leave_the_vmm_serving_and_the_guest_running() {
     let (status, info) = client.request("GET", "vm.info", None, &[]).unwrap();
     assert_eq!(status, 200);
     assert!(info.contains("\"Running\""), "{info}");
-    let ticks_before = vmm.stdout().lines().filter(|l| l.starts_with("idle: tick")).count();
+    let ticks_before = vmm
+        .stdout()
+        .lines()
+        .filter(|l| l.starts_with("idle: tick"))
+        .count();
     assert!(
-        vmm.wait_for_line(Duration::from_secs(5), |l| l == format!("idle: tick {}", ticks_before + 1))
+        vmm.wait_for_line(Duration::from_secs(5), |l| l
+            == format!("idle: tick {}", ticks_before + 1))
             .is_some(),
         "the guest stopped ticking:\n{}",
         vmm.stdout()

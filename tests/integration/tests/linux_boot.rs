@@ -187,7 +187,7 @@ fn early_boot_problems(log: &str, cmdline: &str) -> Vec<String> {
     }
 
     // (c) The ACPI tables, found from an RSDP where the layout puts it.
-    for signature in ["RSDP", "XSDT", "FACP", "DSDT", "APIC"] {
+    for signature in ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG"] {
         let prefix = format!("ACPI: {signature} 0x");
         if !lines.iter().any(|l| l.starts_with(&prefix)) {
             problems.push(format!("no `{prefix}...` line"));
@@ -490,6 +490,7 @@ fn early_boot_check_parses_a_kernel_log() {
 [    0.000000] ACPI: FACP 0x00000000000E0060 000114 (v06 TRENV  TRENVFAC 00000001 TRNV 00000001)\r
 [    0.000000] ACPI: DSDT 0x00000000000E0174 000040 (v06 TRENV  TRENVDSD 00000001 TRNV 00000001)\r
 [    0.000000] ACPI: APIC 0x00000000000E01B4 000050 (v05 TRENV  TRENVMAD 00000001 TRNV 00000001)\r
+[    0.000000] ACPI: MCFG 0x00000000000E0204 00003C (v01 TRENV  TRENVMCF 00000001 TRNV 00000001)\r
 [    0.000000] IOAPIC[0]: apic_id 0, version 32, address 0xfec00000, GSI 0-23\r
 [    0.000000] ACPI: Using ACPI (MADT) for SMP configuration information\r
 [    0.000000] smpboot: Allowing 2 CPUs, 0 hotplug CPUs\r

@@ -414,7 +414,9 @@ mod tests {
         // PCI root bridge: PNP0A08 (0x080ad041) compatible with PNP0A03 (0x030ad041), its _CRS with
         // bus 0..0, the 0xCF8 ports and the 32-bit window.
         assert!(contains(&dsdt, b"PCI0"));
-        assert!(contains(&dsdt, b"VGEN") && contains(&dsdt, b"VMGENCTR") && contains(&dsdt, b"ADDR"));
+        assert!(
+            contains(&dsdt, b"VGEN") && contains(&dsdt, b"VMGENCTR") && contains(&dsdt, b"ADDR")
+        );
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
         assert!(contains(&dsdt, b"_SEG"));
