@@ -46,6 +46,8 @@ pub enum ApiRequest {
     VmRestore(RestoreConfig, Vec<OwnedFd>),
     VmSendMigration(SendMigrationData),
     VmReceiveMigration(ReceiveMigrationData),
+    /// trenv extension: switch the VM in place to another template.
+    VmRepurpose(VmRepurposeConfig),
 }
 
 impl ApiRequest {
@@ -79,6 +81,7 @@ impl ApiRequest {
             ApiRequest::VmRemoveDevice(_) => "vm.remove-device",
             ApiRequest::VmSnapshot(_) => "vm.snapshot",
             ApiRequest::VmRestore(..) => "vm.restore",
+            ApiRequest::VmRepurpose(_) => "vm.repurpose",
             ApiRequest::VmSendMigration(_) => "vm.send-migration",
             ApiRequest::VmReceiveMigration(_) => "vm.receive-migration",
         }
@@ -220,6 +223,7 @@ static ROUTES: &[Route] = &[
     put_json("/vm.remove-device", "VmRemoveDevice"),
     put_json("/vm.snapshot", "VmSnapshotConfig"),
     put_json("/vm.restore", "RestoreConfig"),
+    put_json("/vm.repurpose", "VmRepurposeConfig"),
     put_json("/vm.send-migration", "SendMigrationData"),
     put_json("/vm.receive-migration", "ReceiveMigrationData"),
 ];
@@ -429,6 +433,7 @@ fn build(endpoint: &str, body: &[u8], fds: Vec<OwnedFd>) -> Result<ApiRequest, A
             }
             ApiRequest::VmRestore(restore, fds)
         }
+        "vm.repurpose" => ApiRequest::VmRepurpose(parse(endpoint, body)?),
         "vm.send-migration" => ApiRequest::VmSendMigration(parse(endpoint, body)?),
         "vm.receive-migration" => ApiRequest::VmReceiveMigration(parse(endpoint, body)?),
         _ => unreachable_route(endpoint)?,
@@ -467,6 +472,7 @@ mod tests {
             "VmRemoveDevice" => r#"{"id":"disk0"}"#,
             "VmSnapshotConfig" => r#"{"destination_url":"file:///tmp/s"}"#,
             "RestoreConfig" => r#"{"source_url":"file:///tmp/s"}"#,
+            "VmRepurposeConfig" => r#"{"template":"python-fn","resume":true}"#,
             "SendMigrationData" => r#"{"destination_url":"unix:/tmp/m"}"#,
             "ReceiveMigrationData" => r#"{"receiver_url":"unix:/tmp/m"}"#,
             other => panic!("no example for {other}"),

@@ -193,6 +193,7 @@ fn schemas_match_the_models() {
     check_model::<VmRemoveDevice>("VmRemoveDevice");
     check_model::<VmSnapshotConfig>("VmSnapshotConfig");
     check_model::<RestoreConfig>("RestoreConfig");
+    check_model::<VmRepurposeConfig>("VmRepurposeConfig");
     check_model::<SendMigrationData>("SendMigrationData");
     check_model::<ReceiveMigrationData>("ReceiveMigrationData");
 }
@@ -216,6 +217,7 @@ fn every_route_body_schema_is_checked_against_a_model() {
         "VmRemoveDevice",
         "VmSnapshotConfig",
         "RestoreConfig",
+        "VmRepurposeConfig",
         "SendMigrationData",
         "ReceiveMigrationData",
     ];

@@ -83,6 +83,8 @@ pub enum SnapshotError {
     },
     #[error("cannot load device state: {0}")]
     Device(String),
+    #[error("the template cannot be served in place: {0}")]
+    Incompatible(String),
 }
 
 /// Everything besides guest RAM that a restored guest needs.
@@ -360,46 +362,16 @@ impl Vm {
     /// Builds a VM from the template at `dir`, paused (call `resume` to run it).
     pub fn restore(kvm: Kvm, dir: &Path, options: &RestoreOptions) -> Result<Vm, VmError> {
         log::debug!("restore: reading {}", dir.display());
-        let manifest = format::read_manifest(dir).map_err(SnapshotError::from)?;
-        let state_version = manifest.extra.get("state_version").and_then(|v| v.as_u64());
-        if state_version != Some(u64::from(STATE_VERSION)) {
-            return Err(SnapshotError::State(format!(
-                "state layout version {state_version:?} is not the supported {STATE_VERSION}"
-            ))
-            .into());
-        }
         let supported = vcpu_state::supported_cpuid(&kvm).map_err(VmError::SupportedCpuid)?;
-        if let Some(diff) = manifest
-            .fingerprint
-            .mismatch(&host_fingerprint(&kvm, &supported))
-        {
-            return Err(SnapshotError::Fingerprint(diff).into());
-        }
-        let state_bytes = format::verify_state(dir, &manifest).map_err(SnapshotError::from)?;
-        format::verify_images_quick(dir, &manifest).map_err(SnapshotError::from)?;
-        let state: VmState = serde_json::from_slice(&state_bytes)
-            .map_err(|e| SnapshotError::State(e.to_string()))?;
-        let mut config: VmConfig =
-            serde_json::from_value(manifest.vm_config.clone()).map_err(SnapshotError::Config)?;
-        if let Some(serial) = &options.serial {
-            config.serial = serial.clone();
-        }
-        if state.vcpus.len() != config.cpus.boot_vcpus as usize {
-            return Err(SnapshotError::State(format!(
-                "{} vCPU states for {} boot vCPUs",
-                state.vcpus.len(),
-                config.cpus.boot_vcpus
-            ))
-            .into());
-        }
-
+        let fingerprint = host_fingerprint(&kvm, &supported);
+        let checked = check_template(dir, &fingerprint, options)?;
         log::debug!("restore: template checked");
         let lease = lease(dir)?;
-        let (memory, ondemand) = map_template_memory(dir, &manifest, options)?;
+        let (memory, ondemand) = map_template_memory(dir, &checked.manifest, options)?;
         log::debug!("restore: memory mapped ({})", options.mode);
-        let mut vm = Vm::create_with_memory(kvm, &config, memory, supported)?;
+        let mut vm = Vm::create_with_memory(kvm, &checked.config, memory, supported)?;
         log::debug!("restore: VM created");
-        vm.load_state(&state)?;
+        vm.load_state(&checked.state)?;
         log::debug!("restore: state loaded");
         vm.backing = TemplateBacking {
             lease: Some(lease),
@@ -408,6 +380,116 @@ impl Vm {
             mode: Some(options.mode),
         };
         Ok(vm)
+    }
+
+    /// Switches this VM in place to the template at `dir`: the template's images replace guest RAM at the
+    /// same host addresses (KVM's memslots stay as they are), vCPU and device state are loaded from the
+    /// template, and virtio devices are reset. The VM is left paused. Fails with
+    /// `SnapshotError::Incompatible` when the template's layout or device set differs from this VM's, in
+    /// which case the caller restores a new VM instead.
+    pub fn repurpose(&mut self, dir: &Path, options: &RestoreOptions) -> Result<(), VmError> {
+        if options.mode == RestoreMode::OnDemand {
+            return Err(SnapshotError::Incompatible(
+                "on-demand paging cannot be set up in place; use cow or copy".into(),
+            )
+            .into());
+        }
+        log::debug!("repurpose: checking {}", dir.display());
+        let fingerprint = host_fingerprint(&self.kvm, &self.base_cpuid);
+        let mut checked = check_template(dir, &fingerprint, options)?;
+        log::debug!("repurpose: template checked");
+        // Keep this VM's own console: the serial device and its sink stay as they are.
+        checked.config.serial = self.config.serial.clone();
+        if let Some(reason) = self.incompatibility(&checked) {
+            return Err(SnapshotError::Incompatible(reason).into());
+        }
+        self.pause()?;
+        log::debug!("repurpose: paused");
+        let lease = lease(dir)?;
+        for (region, image) in self.memory.iter().zip(&checked.manifest.regions) {
+            let path = dir.join(&image.file);
+            let file = File::open(&path).map_err(|source| SnapshotError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            let len = region.len() as usize;
+            // SAFETY: the range is this VM's guest RAM region, which it owns; every vCPU is parked, and
+            // the new mapping has the same size, so KVM's memslot keeps pointing at valid memory (its MMU
+            // notifiers drop the old pages' translations).
+            unsafe {
+                match options.mode {
+                    RestoreMode::Copy => image::map_copy(&file, len, Some(region.as_ptr())),
+                    _ => image::map_cow(&file, len, Some(region.as_ptr())),
+                }
+            }
+            .map_err(SnapshotError::from)?;
+        }
+        for pci_device in self.devices.pci.devices() {
+            if let Some(device) = self.devices.pci.device(&pci_device.0) {
+                device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reset_device();
+            }
+        }
+        if let Ok(mut events) = self.devices.guest_events.lock() {
+            events.clear();
+        }
+        self.paused_state = None;
+        log::debug!("repurpose: memory swapped");
+        self.load_state(&checked.state)?;
+        log::debug!("repurpose: state loaded");
+        self.config = checked.config;
+        self.backing = TemplateBacking {
+            lease: Some(lease),
+            ondemand: None,
+            template_dir: Some(dir.to_path_buf()),
+            mode: Some(options.mode),
+        };
+        Ok(())
+    }
+
+    /// Why a template cannot be served in place by this VM, if it cannot.
+    fn incompatibility(&self, checked: &CheckedTemplate) -> Option<String> {
+        let ours: Vec<(u64, u64)> = self
+            .memory
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        let theirs: Vec<(u64, u64)> = checked
+            .manifest
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        if ours != theirs {
+            return Some(format!(
+                "memory layout differs ({ours:x?} here, {theirs:x?} in the template)"
+            ));
+        }
+        if checked.state.vcpus.len() != self.vcpus.len() {
+            return Some(format!(
+                "{} vCPUs here, {} in the template",
+                self.vcpus.len(),
+                checked.state.vcpus.len()
+            ));
+        }
+        let devices = |c: &VmConfig| {
+            serde_json::json!([
+                c.disks,
+                c.net,
+                c.pmem,
+                c.fs,
+                c.vsock,
+                c.rng,
+                c.console,
+                c.serial.mode
+            ])
+        };
+        if devices(&self.config) != devices(&checked.config) {
+            return Some("the device set differs".into());
+        }
+        None
     }
 
     fn load_state(&mut self, state: &VmState) -> Result<(), SnapshotError> {
@@ -432,8 +514,9 @@ impl Vm {
                 .map_err(|e| SnapshotError::Device(format!("serial: {e}")))?;
         }
         // The clock is loaded when the vCPUs start, so that time spent paused after the restore does not
-        // count as guest time.
-        self.paused_clock = Some(state.clock);
+        // count as guest time. Only guests that enabled kvmclock read it, and loading it can cost
+        // milliseconds here, so guests without it skip that.
+        self.paused_clock = uses_kvmclock(state).then_some(state.clock);
         self.set_generation_id(new_generation_id())?;
         self.devices.idle_waker.wake();
         Ok(())
@@ -456,6 +539,64 @@ impl Vm {
             .set_generation(id);
         Ok(())
     }
+}
+
+/// Whether any vCPU has kvmclock enabled (MSR_KVM_SYSTEM_TIME or its _NEW variant, bit 0).
+fn uses_kvmclock(state: &VmState) -> bool {
+    const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    state.vcpus.iter().any(|vcpu| {
+        vcpu.msrs.iter().chain(&vcpu.extra_msrs).any(|m| {
+            matches!(m.index, MSR_KVM_SYSTEM_TIME | MSR_KVM_SYSTEM_TIME_NEW) && m.data & 1 != 0
+        })
+    })
+}
+
+/// A template that passed every check, with its parsed parts.
+struct CheckedTemplate {
+    manifest: format::Manifest,
+    state: VmState,
+    config: VmConfig,
+}
+
+/// Checks a template before anything is created: manifest (format version, checksum), state layout version,
+/// host fingerprint, state digest, image sizes; then parses the state and config.
+fn check_template(
+    dir: &Path,
+    host: &Fingerprint,
+    options: &RestoreOptions,
+) -> Result<CheckedTemplate, SnapshotError> {
+    let manifest = format::read_manifest(dir)?;
+    let state_version = manifest.extra.get("state_version").and_then(|v| v.as_u64());
+    if state_version != Some(u64::from(STATE_VERSION)) {
+        return Err(SnapshotError::State(format!(
+            "state layout version {state_version:?} is not the supported {STATE_VERSION}"
+        )));
+    }
+    if let Some(diff) = manifest.fingerprint.mismatch(host) {
+        return Err(SnapshotError::Fingerprint(diff));
+    }
+    let state_bytes = format::verify_state(dir, &manifest)?;
+    format::verify_images_quick(dir, &manifest)?;
+    let state: VmState =
+        serde_json::from_slice(&state_bytes).map_err(|e| SnapshotError::State(e.to_string()))?;
+    let mut config: VmConfig =
+        serde_json::from_value(manifest.vm_config.clone()).map_err(SnapshotError::Config)?;
+    if let Some(serial) = &options.serial {
+        config.serial = serial.clone();
+    }
+    if state.vcpus.len() != config.cpus.boot_vcpus as usize {
+        return Err(SnapshotError::State(format!(
+            "{} vCPU states for {} boot vCPUs",
+            state.vcpus.len(),
+            config.cpus.boot_vcpus
+        )));
+    }
+    Ok(CheckedTemplate {
+        manifest,
+        state,
+        config,
+    })
 }
 
 /// Maps every region image of a template for `options.mode`.

@@ -136,6 +136,69 @@ impl Vmm {
         Ok(())
     }
 
+    /// Switches the VM to another template in place, or, when the template's layout or devices differ,
+    /// replaces it with a VM restored from the template (and says so).
+    fn repurpose(&mut self, req: &api::models::VmRepurposeConfig) -> ApiResponse {
+        let dir = match resolve_template(&req.template) {
+            Ok(dir) => dir,
+            Err(message) => {
+                return ApiResponse::Error {
+                    status: 400,
+                    chain: vec![format!("cannot repurpose to '{}'", req.template), message],
+                }
+            }
+        };
+        let options = crate::snapshot::RestoreOptions {
+            mode: restore_mode(req.memory_restore_mode),
+            serial: None,
+            prefault: false,
+        };
+        let Some(vm) = self.vm.as_mut() else {
+            return not_created();
+        };
+        let t0 = event_monitor::monotonic_ns();
+        match vm.repurpose(&dir, &options) {
+            Ok(()) => {
+                self.config = Some(vm.config().clone());
+                self.state = VmState::Paused;
+                if req.resume {
+                    if let Err(e) = vm.resume() {
+                        return vm_error("resume the repurposed", &e);
+                    }
+                    log::debug!("repurpose: resumed");
+                    self.state = VmState::Running;
+                }
+                let us = (event_monitor::monotonic_ns() - t0) / 1000;
+                event_monitor::emit(
+                    "vm",
+                    "repurposed",
+                    &[
+                        ("template", dir.display().to_string()),
+                        ("us", us.to_string()),
+                    ],
+                );
+                ApiResponse::Json(serde_json::json!({"in_place": true, "duration_us": us}))
+            }
+            Err(VmError::Snapshot(crate::snapshot::SnapshotError::Incompatible(reason))) => {
+                log::info!(
+                    "repurpose to {}: {reason}; restoring a new VM instead",
+                    dir.display()
+                );
+                let serial = self.config.as_ref().map(|c| c.serial.clone());
+                self.stop_vm();
+                self.config = None;
+                let options = crate::snapshot::RestoreOptions { serial, ..options };
+                match self.restore(&dir, &options, req.resume) {
+                    Ok(()) => {
+                        ApiResponse::Json(serde_json::json!({"in_place": false, "reason": reason}))
+                    }
+                    Err(e) => vm_error("restore (after an incompatible repurpose)", &e),
+                }
+            }
+            Err(e) => vm_error("repurpose", &e),
+        }
+    }
+
     fn stop_vm(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             vm.stop_vcpus();
@@ -301,6 +364,11 @@ impl Vmm {
                     }
                 }
             }
+            R::VmRepurpose(req) => match self.state() {
+                None => not_created(),
+                Some(VmState::Running) | Some(VmState::Paused) => self.repurpose(&req),
+                Some(state) => invalid_state("repurpose", state),
+            },
             R::VmSendMigration(_) | R::VmReceiveMigration(_) => {
                 ApiResponse::not_available("live migration")
             }
@@ -427,6 +495,22 @@ impl Vmm {
             let _ = vm.exit_eventfd().read();
         }
     }
+}
+
+/// A template named by `file:///dir`, an absolute directory, or a name/digest in the template store
+/// (`$TRENV_STORE_DIR`, default /var/lib/trenv/templates).
+pub fn resolve_template(template: &str) -> Result<std::path::PathBuf, String> {
+    if template.starts_with("file://") || template.starts_with('/') {
+        return crate::snapshot::url_to_path(template).map_err(|e| e.to_string());
+    }
+    let store = memory_template::store::TemplateStore::open(
+        &memory_template::store::TemplateStore::default_root(),
+    )
+    .map_err(|e| e.to_string())?;
+    store
+        .resolve(template)
+        .map(|t| t.dir)
+        .map_err(|e| e.to_string())
 }
 
 /// Cloud Hypervisor's restore modes mapped onto the template crate's.

@@ -234,3 +234,16 @@ mod tests {
         assert_eq!(VmState::Paused.to_string(), "Paused");
     }
 }
+
+/// `PUT vm.repurpose` (a trenv extension): switch the running VM in place to another template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRepurposeConfig {
+    /// A template: `file:///dir`, an absolute directory, or a name (or digest) in the VMM's template store.
+    pub template: String,
+    /// Run the new tenant at once; otherwise the VM is left paused.
+    #[serde(default)]
+    pub resume: bool,
+    /// `CopyOnWrite` (default) or `Copy`; `OnDemand` cannot be set up in place.
+    #[serde(default)]
+    pub memory_restore_mode: MemoryRestoreMode,
+}

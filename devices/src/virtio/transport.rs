@@ -634,6 +634,12 @@ impl VirtioPciDevice {
         })
     }
 
+    /// Resets the device as a driver writing status 0 would (used when a VM is repurposed for a new
+    /// tenant: nothing queued by the previous one may survive).
+    pub fn reset_device(&mut self) {
+        self.reset();
+    }
+
     /// Device reset (status 0): the device stops, queues and negotiation return to their initial state.
     /// MSI-X is PCI state and survives.
     fn reset(&mut self) {

@@ -182,3 +182,82 @@ pub fn run_to_exit(binary: &str, args: &[&str], timeout: Duration) -> (ExitStatu
         ),
     }
 }
+
+/// A template of the test guest's `serve` workload, made through the API of a `trenv` at `binary`.
+pub struct ServeTemplate {
+    pub dir: std::path::PathBuf,
+    /// The heap checksum and base address the guest printed when it built its heap.
+    pub checksum: String,
+    pub base: u64,
+    pub seed: u64,
+}
+
+/// The value of `key=` on a line of `key=value` words.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// Boots `serve heap=16 seed=SEED` with `memory`, waits for its heap, pauses and snapshots it into
+/// `dir/name`, and stops that VMM.
+pub fn make_serve_template(
+    binary: &str,
+    dir: &std::path::Path,
+    name: &str,
+    seed: u64,
+    memory: &str,
+) -> ServeTemplate {
+    let socket = dir.join(format!("{name}.sock"));
+    let cmdline = format!("{GUEST_CONSOLE} serve heap=16 seed={seed} dirty=1");
+    let memory = format!("size={memory}");
+    let mut vmm = VmmProcess::spawn(
+        binary,
+        &[
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "--kernel",
+            test_guest_path(),
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            &memory,
+            "--serial",
+            "tty",
+        ],
+    );
+    let heap_line = vmm
+        .wait_for_line(Duration::from_secs(30), |l| l.starts_with("serve: heap"))
+        .unwrap_or_else(|| panic!("no heap line: {}\n{}", vmm.stdout(), vmm.stderr()));
+    let put = |endpoint: &str, body: Option<&str>| -> (u16, String) {
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("API socket");
+        let body = body.unwrap_or("");
+        let request = format!(
+            "PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut reply);
+        let status = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, reply)
+    };
+    let template = dir.join(name);
+    assert_eq!(put("vm.pause", None).0, 204);
+    let body = format!(r#"{{"destination_url":"file://{}"}}"#, template.display());
+    let (status, reply) = put("vm.snapshot", Some(&body));
+    assert_eq!(status, 204, "{reply}");
+    let _ = put("vmm.shutdown", None);
+    vmm.wait_exit(Duration::from_secs(30))
+        .expect("template VMM did not exit");
+    ServeTemplate {
+        dir: template,
+        checksum: field(&heap_line, "checksum").to_string(),
+        base: u64::from_str_radix(field(&heap_line, "base").trim_start_matches("0x"), 16).unwrap(),
+        seed,
+    }
+}

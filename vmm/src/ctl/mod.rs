@@ -24,6 +24,8 @@ use paths::{validate_name, Dirs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
+    #[error("{0}")]
+    Usage(String),
     #[error("invalid VM name '{name}': {reason}")]
     BadName { name: String, reason: &'static str },
     #[error(
@@ -178,6 +180,17 @@ enum Cmd {
     Suspend { name: String },
     /// Resume a paused VM
     Resume { name: String },
+    /// Switch a running VM in place to another template (a warm sandbox for a new function)
+    Repurpose {
+        name: String,
+        template: String,
+        /// cow (default) or copy
+        #[arg(long, default_value = "cow")]
+        mode: String,
+        /// Leave the VM paused afterwards
+        #[arg(long)]
+        paused: bool,
+    },
     /// Show a VM's state, vCPUs, memory, pid, sockets and uptime
     Dominfo { name: String },
     /// Show a VM's state
@@ -595,6 +608,15 @@ fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Reboot { name } => cmd_action(&ctx, name, "vm.reboot"),
         Cmd::Suspend { name } => cmd_action(&ctx, name, "vm.pause"),
         Cmd::Resume { name } => cmd_action(&ctx, name, "vm.resume"),
+        Cmd::Repurpose {
+            name,
+            template,
+            mode,
+            paused,
+        } => {
+            running_pid(&ctx, name)?;
+            template::repurpose(&ctx, name, template, mode, *paused)
+        }
         Cmd::Dominfo { name } => cmd_dominfo(&ctx, name),
         Cmd::Domstate { name } => cmd_domstate(&ctx, name),
         Cmd::Console { name } => cmd_console(&ctx, name),

@@ -599,3 +599,61 @@ mod tests {
         assert_eq!(short("ab"), "ab");
     }
 }
+
+/// `trenvctl repurpose VM TEMPLATE`: switches a running VM in place to another template (or, when its
+/// layout differs, the VMM restores a new VM from it and says so).
+pub(super) fn repurpose(
+    ctx: &Ctx,
+    vm: &str,
+    template: &str,
+    mode: &str,
+    paused: bool,
+) -> Result<(), CtlError> {
+    let (_store, t) = resolve(ctx, template)?;
+    let api_mode = match mode {
+        "cow" => "CopyOnWrite",
+        "copy" => "Copy",
+        other => {
+            return Err(CtlError::Usage(format!(
+                "--mode {other}: repurposing supports cow or copy"
+            )))
+        }
+    };
+    let body = serde_json::json!({
+        "template": format!("file://{}", t.dir.display()),
+        "resume": !paused,
+        "memory_restore_mode": api_mode,
+    });
+    let started = std::time::Instant::now();
+    let reply = super::instance::call(
+        vm,
+        &ctx.dirs.vm(vm),
+        "PUT",
+        "vm.repurpose",
+        Some(&body.to_string()),
+    )?;
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+    let in_place = reply["in_place"].as_bool().unwrap_or(false);
+    if ctx.json {
+        super::print_json(&serde_json::json!({
+            "name": vm,
+            "template": template,
+            "digest": t.digest,
+            "in_place": in_place,
+            "reason": reply["reason"],
+            "ms": started.elapsed().as_secs_f64() * 1e3,
+        }));
+    } else if in_place {
+        println!(
+            "VM '{vm}' repurposed in place to template '{template}' in {:.2} ms{}",
+            started.elapsed().as_secs_f64() * 1e3,
+            if paused { " (paused)" } else { "" }
+        );
+    } else {
+        println!(
+            "VM '{vm}' could not be repurposed in place ({}); it was restored anew from template '{template}'",
+            reply["reason"].as_str().unwrap_or("incompatible template")
+        );
+    }
+    Ok(())
+}

@@ -151,7 +151,11 @@ pub fn save(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, msr_indices: &MsrIndices) -> R
 /// features, the LAPIC before events (pending interrupts), MSRs after special registers (EFER).
 pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> {
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(VcpuStateError::Fam)?;
-    set("CPUID", vcpu.set_cpuid2(&cpuid))?;
+    // KVM refuses a CPUID change once a vCPU has run (a repurposed VM); the same CPUID is accepted.
+    let current = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).ok();
+    if current.as_ref().map(|c| c.as_slice()) != Some(cpuid.as_slice()) {
+        set("CPUID", vcpu.set_cpuid2(&cpuid))?;
+    }
     set("MP state", vcpu.set_mp_state(state.mp_state))?;
     set("registers", vcpu.set_regs(&state.regs))?;
     set("special registers", vcpu.set_sregs(&state.sregs))?;

@@ -10,6 +10,7 @@
 mod api;
 mod boot;
 mod common;
+mod repurpose;
 mod restore;
 
 use std::process::ExitCode;
@@ -55,6 +56,15 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// A warm VM repurposed in place between two templates, against fresh cow restores.
+    Repurpose {
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// API latency: vmm.ping round trips and vm.create + vm.boot to Running.
     Api {
         #[arg(long, default_value_t = 2000)]
@@ -94,6 +104,9 @@ fn main() -> ExitCode {
             modes: modes.split(',').map(|m| m.trim().to_string()).collect(),
         }),
         Bench::Api { pings, boots, .. } => api::run(pings.max(1), boots.max(1)),
+        Bench::Repurpose {
+            rounds, mem_mib, ..
+        } => repurpose::run(rounds.max(1), mem_mib),
     };
     match result {
         Ok(value) => {

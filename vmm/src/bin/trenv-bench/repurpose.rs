@@ -1,0 +1,169 @@
+//! `repurpose`: a warm VM switched in place between two templates (`PUT vm.repurpose`, resume=true),
+//! against fresh copy-on-write restores of the same templates. Both are timed to the guest's
+//! SERVE_RESTORED signal (it runs the new tenant's workload); the repurpose API round trip is reported too.
+
+use std::time::{Duration, Instant};
+
+use devices::guest_signal::event_name;
+use serde_json::json;
+use vmm::event_monitor::monotonic_ns;
+
+use crate::common::{stage_guest, summary, vmm_command, wait_event, Scratch};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn api(socket: &std::path::Path, endpoint: &str, body: Option<&str>) -> Result<String, String> {
+    let (status, text) = api::client::ApiClient::new(socket)
+        .request("PUT", endpoint, body, &[])
+        .map_err(|e| format!("{endpoint}: {e}"))?;
+    if status >= 300 {
+        return Err(format!("{endpoint}: HTTP {status}: {text}"));
+    }
+    Ok(text)
+}
+
+fn make_template(
+    scratch: &Scratch,
+    name: &str,
+    seed: u64,
+    mem_mib: u64,
+) -> Result<std::path::PathBuf, String> {
+    let guest = stage_guest(scratch)?;
+    let socket = scratch.path(&format!("{name}.sock"));
+    let events = scratch.path(&format!("{name}.jsonl"));
+    let mut child = vmm_command()
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--kernel")
+        .arg(&guest)
+        .args([
+            "--cmdline",
+            &format!(
+                "{} serve heap=16 seed={seed} dirty=1",
+                vmm::TEST_GUEST_CONSOLE
+            ),
+        ])
+        .args(["--memory", &format!("size={mem_mib}M"), "--serial", "null"])
+        .arg("--event-monitor")
+        .arg(format!("path={}", events.display()))
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    wait_event(
+        &events,
+        "guest",
+        &event_name(test_guest::SIGNAL_SERVE_HEAP),
+        &mut child,
+        TIMEOUT,
+    )?;
+    let dir = scratch.path(name);
+    api(&socket, "vm.pause", None)?;
+    api(
+        &socket,
+        "vm.snapshot",
+        Some(&json!({"destination_url": format!("file://{}", dir.display())}).to_string()),
+    )?;
+    api(&socket, "vmm.shutdown", None)?;
+    let _ = child.wait();
+    Ok(dir)
+}
+
+/// Number of `event` records from the guest in the file so far.
+fn count(path: &std::path::Path, event: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.contains("\"source\":\"guest\"") && l.contains(&format!("\"event\":\"{event}\""))
+        })
+        .count()
+}
+
+pub fn run(rounds: usize, mem_mib: u64) -> Result<serde_json::Value, String> {
+    let scratch = Scratch::new("repurpose", true)?;
+    let templates = [
+        make_template(&scratch, "a", 1, mem_mib)?,
+        make_template(&scratch, "b", 2, mem_mib)?,
+    ];
+    let restored = event_name(test_guest::SIGNAL_SERVE_RESTORED);
+
+    // Fresh cow restores, for comparison.
+    let mut restore_ms = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let events = scratch.path(&format!("restore-{i}.jsonl"));
+        let t0 = monotonic_ns();
+        let mut child = vmm_command()
+            .arg("--restore")
+            .arg(format!(
+                "source_url=file://{},resume=on",
+                templates[i % 2].display()
+            ))
+            .args(["--serial", "null"])
+            .arg("--event-monitor")
+            .arg(format!("path={}", events.display()))
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let e = wait_event(&events, "guest", &restored, &mut child, TIMEOUT);
+        let _ = child.kill();
+        let _ = child.wait();
+        restore_ms.push(e?.monotonic_ns.saturating_sub(t0) as f64 / 1e6);
+    }
+
+    // One warm VM switched back and forth.
+    let socket = scratch.path("warm.sock");
+    let events = scratch.path("warm.jsonl");
+    let mut child = vmm_command()
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--restore")
+        .arg(format!(
+            "source_url=file://{},resume=on",
+            templates[0].display()
+        ))
+        .args(["--serial", "null"])
+        .arg("--event-monitor")
+        .arg(format!("path={}", events.display()))
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    wait_event(&events, "guest", &restored, &mut child, TIMEOUT)?;
+    let mut api_ms = Vec::with_capacity(rounds);
+    let mut running_ms = Vec::with_capacity(rounds);
+    let mut in_place = 0;
+    let result = (|| -> Result<(), String> {
+        for i in 0..rounds {
+            let before = count(&events, &restored);
+            let body = json!({"template": format!("file://{}", templates[(i + 1) % 2].display()), "resume": true});
+            let t0 = Instant::now();
+            let reply = api(&socket, "vm.repurpose", Some(&body.to_string()))?;
+            api_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            if reply.contains("\"in_place\":true") {
+                in_place += 1;
+            }
+            let deadline = Instant::now() + TIMEOUT;
+            while count(&events, &restored) == before {
+                if Instant::now() > deadline {
+                    return Err("the repurposed guest never signalled".into());
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            running_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result?;
+
+    let mut out = json!({
+        "bench": "repurpose",
+        "what": "warm VM switched in place between two templates vs a fresh cow restore, both to the guest running the new tenant",
+        "rounds": rounds,
+        "mem_mib": mem_mib,
+        "in_place": in_place,
+        "targets": {"repurpose_p99_ms": 1.0},
+    });
+    let map = out.as_object_mut().unwrap();
+    map.extend(summary("repurpose_", &mut api_ms));
+    map.extend(summary("repurpose_to_running_", &mut running_ms));
+    map.extend(summary("fresh_restore_", &mut restore_ms));
+    Ok(out)
+}
