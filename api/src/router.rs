@@ -48,6 +48,8 @@ pub enum ApiRequest {
     VmReceiveMigration(ReceiveMigrationData),
     /// trenv extension: switch the VM in place to another template.
     VmRepurpose(VmRepurposeConfig),
+    /// trenv extension: pause the VM and drop its private memory until the next repurpose.
+    VmPark,
 }
 
 impl ApiRequest {
@@ -82,6 +84,7 @@ impl ApiRequest {
             ApiRequest::VmSnapshot(_) => "vm.snapshot",
             ApiRequest::VmRestore(..) => "vm.restore",
             ApiRequest::VmRepurpose(_) => "vm.repurpose",
+            ApiRequest::VmPark => "vm.park",
             ApiRequest::VmSendMigration(_) => "vm.send-migration",
             ApiRequest::VmReceiveMigration(_) => "vm.receive-migration",
         }
@@ -224,6 +227,7 @@ static ROUTES: &[Route] = &[
     put_json("/vm.snapshot", "VmSnapshotConfig"),
     put_json("/vm.restore", "RestoreConfig"),
     put_json("/vm.repurpose", "VmRepurposeConfig"),
+    put("/vm.park"),
     put_json("/vm.send-migration", "SendMigrationData"),
     put_json("/vm.receive-migration", "ReceiveMigrationData"),
 ];
@@ -434,6 +438,7 @@ fn build(endpoint: &str, body: &[u8], fds: Vec<OwnedFd>) -> Result<ApiRequest, A
             ApiRequest::VmRestore(restore, fds)
         }
         "vm.repurpose" => ApiRequest::VmRepurpose(parse(endpoint, body)?),
+        "vm.park" => ApiRequest::VmPark,
         "vm.send-migration" => ApiRequest::VmSendMigration(parse(endpoint, body)?),
         "vm.receive-migration" => ApiRequest::VmReceiveMigration(parse(endpoint, body)?),
         _ => unreachable_route(endpoint)?,

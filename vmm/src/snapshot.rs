@@ -88,7 +88,7 @@ pub enum SnapshotError {
 }
 
 /// Everything besides guest RAM that a restored guest needs.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
     pub version: u32,
     pub vcpus: Vec<VcpuState>,
@@ -216,6 +216,9 @@ impl Vm {
     pub fn snapshot(&mut self, destination: &Path) -> Result<PathBuf, SnapshotError> {
         if !self.is_paused() {
             return Err(SnapshotError::NotPaused);
+        }
+        if self.parked {
+            return Err(SnapshotError::State("a parked VM has no guest state to snapshot".into()));
         }
         // Captured once per pause: state read twice from a paused VM must be identical (KVM's TSC keeps
         // counting), so that snapshotting the same paused VM twice gives the same template digest.
@@ -396,7 +399,7 @@ impl Vm {
         }
         log::debug!("repurpose: checking {}", dir.display());
         let fingerprint = host_fingerprint(&self.kvm, &self.base_cpuid);
-        let mut checked = check_template(dir, &fingerprint, options)?;
+        let mut checked = check_template_cached(dir, &fingerprint, options)?;
         log::debug!("repurpose: template checked");
         // Keep this VM's own console: the serial device and its sink stay as they are.
         checked.config.serial = self.config.serial.clone();
@@ -436,6 +439,7 @@ impl Vm {
             events.clear();
         }
         self.paused_state = None;
+        self.parked = false;
         log::debug!("repurpose: memory swapped");
         self.load_state(&checked.state)?;
         log::debug!("repurpose: state loaded");
@@ -447,6 +451,35 @@ impl Vm {
             mode: Some(options.mode),
         };
         Ok(())
+    }
+
+    /// Pauses the VM and gives its private guest memory back to the host (the next tenant's template
+    /// replaces it anyway): copy-on-write pages fall back to the template's shared pages, anonymous ones to
+    /// nothing. The guest must not run again before a repurpose. Returns the bytes dropped.
+    pub fn park(&mut self) -> Result<u64, VmError> {
+        self.pause()?;
+        let before = crate::runner::process_memory_kib().0;
+        for region in self.memory.iter() {
+            // SAFETY: the range is this VM's guest RAM, every vCPU is parked, and MADV_DONTNEED keeps the
+            // mapping valid (reads see the file or zero pages).
+            let rc = unsafe {
+                libc::madvise(
+                    region.as_ptr() as *mut libc::c_void,
+                    region.len() as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                return Err(VmError::GuestMemory(format!(
+                    "cannot drop guest memory: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        self.parked = true;
+        self.paused_state = None;
+        let after = crate::runner::process_memory_kib().0;
+        Ok(before.saturating_sub(after) * 1024)
     }
 
     /// Why a template cannot be served in place by this VM, if it cannot.
@@ -553,10 +586,58 @@ fn uses_kvmclock(state: &VmState) -> bool {
 }
 
 /// A template that passed every check, with its parsed parts.
+#[derive(Clone)]
 struct CheckedTemplate {
     manifest: format::Manifest,
     state: VmState,
     config: VmConfig,
+}
+
+/// Templates a VMM has checked and parsed, by directory: a warm sandbox switches between the same few
+/// templates over and over. Sound because published templates are immutable; the manifest's checksum file
+/// (whose digest covers the manifest, which covers every other file) must still match on every use, and the
+/// images' sizes are re-checked.
+fn check_template_cached(
+    dir: &Path,
+    host: &Fingerprint,
+    options: &RestoreOptions,
+) -> Result<CheckedTemplate, SnapshotError> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (Vec<u8>, Arc<CheckedTemplate>)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = std::fs::read(dir.join(format::MANIFEST_SUM_FILE)).map_err(|source| SnapshotError::Open {
+        path: dir.join(format::MANIFEST_SUM_FILE),
+        source,
+    })?;
+    let hit = cache
+        .lock()
+        .ok()
+        .and_then(|c| c.get(dir).filter(|(k, _)| *k == key).map(|(_, t)| t.clone()));
+    let checked = match hit {
+        Some(t) => {
+            format::verify_images_quick(dir, &t.manifest)?;
+            if let Some(diff) = t.manifest.fingerprint.mismatch(host) {
+                return Err(SnapshotError::Fingerprint(diff));
+            }
+            t
+        }
+        None => {
+            let t = Arc::new(check_template(dir, host, &RestoreOptions { serial: None, ..options.clone() })?);
+            if let Ok(mut c) = cache.lock() {
+                if c.len() >= 64 {
+                    c.clear();
+                }
+                c.insert(dir.to_path_buf(), (key, t.clone()));
+            }
+            t
+        }
+    };
+    let mut checked = (*checked).clone();
+    if let Some(serial) = &options.serial {
+        checked.config.serial = serial.clone();
+    }
+    Ok(checked)
 }
 
 /// Checks a template before anything is created: manifest (format version, checksum), state layout version,

@@ -122,6 +122,8 @@ pub struct Vm {
     pub(crate) shared: VcpuShared,
     /// KVM's clock when the VM was paused, restored on resume.
     pub(crate) paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    /// Parked: paused with its guest memory dropped; only a repurpose may bring a guest back.
+    pub(crate) parked: bool,
     /// The serialized state captured by the first snapshot of the current pause.
     pub(crate) paused_state: Option<Vec<u8>>,
     /// What a restored VM's memory depends on (template lease, on-demand pager); empty for a booted VM.
@@ -199,6 +201,7 @@ impl Vm {
             shared,
             paused_clock: None,
             paused_state: None,
+            parked: false,
             backing: Default::default(),
             created_at,
         })
@@ -406,6 +409,11 @@ impl Vm {
 
     /// Lets paused vCPU threads run again (or starts them, for a VM restored paused).
     pub fn resume(&mut self) -> Result<()> {
+        if self.parked {
+            return Err(VmError::VcpuFailed(
+                "the VM is parked (its memory was dropped): repurpose it to a template first".into(),
+            ));
+        }
         self.paused_state = None;
         if self.threads.is_empty() {
             if let Some(clock) = self.paused_clock.take() {

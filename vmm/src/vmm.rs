@@ -369,6 +369,22 @@ impl Vmm {
                 Some(VmState::Running) | Some(VmState::Paused) => self.repurpose(&req),
                 Some(state) => invalid_state("repurpose", state),
             },
+            R::VmPark => match (self.state(), self.vm.as_mut()) {
+                (None, _) => not_created(),
+                (Some(VmState::Running) | Some(VmState::Paused), Some(vm)) => match vm.park() {
+                    Ok(dropped) => {
+                        self.state = VmState::Paused;
+                        let (rss_kib, _) = crate::runner::process_memory_kib();
+                        event_monitor::emit("vm", "parked", &[("vmm_rss_kib", rss_kib.to_string())]);
+                        ApiResponse::Json(serde_json::json!({
+                            "vmm_rss_kib": rss_kib,
+                            "dropped_kib": dropped / 1024,
+                        }))
+                    }
+                    Err(e) => vm_error("park", &e),
+                },
+                (Some(state), _) => invalid_state("park", state),
+            },
             R::VmSendMigration(_) | R::VmReceiveMigration(_) => {
                 ApiResponse::not_available("live migration")
             }

@@ -98,6 +98,19 @@ fn repurposed_vm_runs_the_new_template_and_keeps_nothing_of_the_old_tenant() {
     let (_, info) = client.request("GET", "vm.info", None, &[]).unwrap();
     assert!(info.contains("\"Running\""), "{info}");
 
+    // An idle sandbox can be parked: its guest memory goes back to the host, it cannot resume, and the
+    // next repurpose brings a tenant back.
+    let (status, reply) = client.request("PUT", "vm.park", None, &[]).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let parked: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert!(parked["dropped_kib"].as_u64().unwrap() >= 1024, "{reply}");
+    let (status, _) = client.request("PUT", "vm.resume", None, &[]).unwrap();
+    assert_eq!(status, 500, "a parked VM must not resume");
+    let body = serde_json::json!({"template": format!("file://{}", a.dir.display()), "resume": true});
+    let (status, reply) = client.request("PUT", "vm.repurpose", Some(&body.to_string()), &[]).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    check_tenant(&wait_restored(&vmm, 5), &a);
+
     // A template with another memory size cannot be served in place: the VMM restores it anew and says so.
     let body =
         serde_json::json!({"template": other_size.dir.display().to_string(), "resume": true});
@@ -109,7 +122,7 @@ fn repurposed_vm_runs_the_new_template_and_keeps_nothing_of_the_old_tenant() {
         reply.contains("\"in_place\":false") && reply.contains("memory layout"),
         "{reply}"
     );
-    check_tenant(&wait_restored(&vmm, 5), &other_size);
+    check_tenant(&wait_restored(&vmm, 6), &other_size);
     assert_eq!(vmm.pid(), pid, "the same VMM process serves every tenant");
 
     // Bad templates are refused without harming the running tenant.

@@ -57,6 +57,29 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
 }
 
+// kvm_xsave carries a flexible array member and so is not Clone; only its fixed region is state.
+impl Clone for VcpuState {
+    fn clone(&self) -> Self {
+        VcpuState {
+            id: self.id,
+            cpuid: self.cpuid.clone(),
+            msrs: self.msrs.clone(),
+            extra_msrs: self.extra_msrs.clone(),
+            regs: self.regs,
+            sregs: self.sregs,
+            xsave: kvm_xsave {
+                region: self.xsave.region,
+                ..Default::default()
+            },
+            xcrs: self.xcrs,
+            debugregs: self.debugregs,
+            lapic: self.lapic,
+            events: self.events,
+            mp_state: self.mp_state,
+        }
+    }
+}
+
 /// MSRs a guest may use that KVM_GET_MSR_INDEX_LIST does not name on every host: MTRRdefType, KVM's
 /// paravirtual MSRs, and the private MSRs of the PVM hypervisor module (0x4b564d10..0x4b564d13), which
 /// answer reads but are not listed.

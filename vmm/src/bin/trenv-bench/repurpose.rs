@@ -128,6 +128,7 @@ pub fn run(rounds: usize, mem_mib: u64) -> Result<serde_json::Value, String> {
     let mut api_ms = Vec::with_capacity(rounds);
     let mut running_ms = Vec::with_capacity(rounds);
     let mut in_place = 0;
+    let mut parked_rss_kib = 0u64;
     let result = (|| -> Result<(), String> {
         for i in 0..rounds {
             let before = count(&events, &restored);
@@ -147,6 +148,9 @@ pub fn run(rounds: usize, mem_mib: u64) -> Result<serde_json::Value, String> {
             }
             running_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
+        let parked = api(&socket, "vm.park", None)?;
+        let parked: serde_json::Value = serde_json::from_str(&parked).map_err(|e| e.to_string())?;
+        parked_rss_kib = parked["vmm_rss_kib"].as_u64().unwrap_or(0);
         Ok(())
     })();
     let _ = child.kill();
@@ -159,6 +163,7 @@ pub fn run(rounds: usize, mem_mib: u64) -> Result<serde_json::Value, String> {
         "rounds": rounds,
         "mem_mib": mem_mib,
         "in_place": in_place,
+        "parked_vmm_rss_mib": (parked_rss_kib as f64 / 1024.0 * 1000.0).round() / 1000.0,
         "targets": {"repurpose_p99_ms": 1.0},
     });
     let map = out.as_object_mut().unwrap();
