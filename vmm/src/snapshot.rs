@@ -218,7 +218,9 @@ impl Vm {
             return Err(SnapshotError::NotPaused);
         }
         if self.parked {
-            return Err(SnapshotError::State("a parked VM has no guest state to snapshot".into()));
+            return Err(SnapshotError::State(
+                "a parked VM has no guest state to snapshot".into(),
+            ));
         }
         // Captured once per pause: state read twice from a paused VM must be identical (KVM's TSC keeps
         // counting), so that snapshotting the same paused VM twice gives the same template digest.
@@ -604,16 +606,20 @@ fn check_template_cached(
 ) -> Result<CheckedTemplate, SnapshotError> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (Vec<u8>, Arc<CheckedTemplate>)>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (Vec<u8>, Arc<CheckedTemplate>)>>> =
+        OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = std::fs::read(dir.join(format::MANIFEST_SUM_FILE)).map_err(|source| SnapshotError::Open {
-        path: dir.join(format::MANIFEST_SUM_FILE),
-        source,
+    let key = std::fs::read(dir.join(format::MANIFEST_SUM_FILE)).map_err(|source| {
+        SnapshotError::Open {
+            path: dir.join(format::MANIFEST_SUM_FILE),
+            source,
+        }
     })?;
-    let hit = cache
-        .lock()
-        .ok()
-        .and_then(|c| c.get(dir).filter(|(k, _)| *k == key).map(|(_, t)| t.clone()));
+    let hit = cache.lock().ok().and_then(|c| {
+        c.get(dir)
+            .filter(|(k, _)| *k == key)
+            .map(|(_, t)| t.clone())
+    });
     let checked = match hit {
         Some(t) => {
             format::verify_images_quick(dir, &t.manifest)?;
@@ -623,7 +629,14 @@ fn check_template_cached(
             t
         }
         None => {
-            let t = Arc::new(check_template(dir, host, &RestoreOptions { serial: None, ..options.clone() })?);
+            let t = Arc::new(check_template(
+                dir,
+                host,
+                &RestoreOptions {
+                    serial: None,
+                    ..options.clone()
+                },
+            )?);
             if let Ok(mut c) = cache.lock() {
                 if c.len() >= 64 {
                     c.clear();

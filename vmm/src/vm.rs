@@ -411,7 +411,8 @@ impl Vm {
     pub fn resume(&mut self) -> Result<()> {
         if self.parked {
             return Err(VmError::VcpuFailed(
-                "the VM is parked (its memory was dropped): repurpose it to a template first".into(),
+                "the VM is parked (its memory was dropped): repurpose it to a template first"
+                    .into(),
             ));
         }
         self.paused_state = None;

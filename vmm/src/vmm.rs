@@ -375,7 +375,11 @@ impl Vmm {
                     Ok(dropped) => {
                         self.state = VmState::Paused;
                         let (rss_kib, _) = crate::runner::process_memory_kib();
-                        event_monitor::emit("vm", "parked", &[("vmm_rss_kib", rss_kib.to_string())]);
+                        event_monitor::emit(
+                            "vm",
+                            "parked",
+                            &[("vmm_rss_kib", rss_kib.to_string())],
+                        );
                         ApiResponse::Json(serde_json::json!({
                             "vmm_rss_kib": rss_kib,
                             "dropped_kib": dropped / 1024,

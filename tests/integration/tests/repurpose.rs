@@ -106,8 +106,11 @@ fn repurposed_vm_runs_the_new_template_and_keeps_nothing_of_the_old_tenant() {
     assert!(parked["dropped_kib"].as_u64().unwrap() >= 1024, "{reply}");
     let (status, _) = client.request("PUT", "vm.resume", None, &[]).unwrap();
     assert_eq!(status, 500, "a parked VM must not resume");
-    let body = serde_json::json!({"template": format!("file://{}", a.dir.display()), "resume": true});
-    let (status, reply) = client.request("PUT", "vm.repurpose", Some(&body.to_string()), &[]).unwrap();
+    let body =
+        serde_json::json!({"template": format!("file://{}", a.dir.display()), "resume": true});
+    let (status, reply) = client
+        .request("PUT", "vm.repurpose", Some(&body.to_string()), &[])
+        .unwrap();
     assert_eq!(status, 200, "{reply}");
     check_tenant(&wait_restored(&vmm, 5), &a);
 
