@@ -57,6 +57,10 @@ struct Cli {
     /// A virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID][,queue_size=N] (repeatable).
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
+    /// A virtio-pmem device: file=FILE[,size=SIZE][,discard_writes=on][,id=ID] (repeatable). The file is
+    /// mapped into the guest; with discard_writes=on the guest's writes stay private to it.
+    #[arg(long, value_name = "OPTIONS")]
+    pmem: Vec<String>,
     /// The virtio-rng entropy source: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "OPTIONS")]
     rng: Option<String>,
@@ -112,6 +116,7 @@ fn config_from_cli(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
         serial,
         console,
         disks: parse_disks(&cli.disk)?,
+        pmem: parse_pmem(&cli.pmem)?,
         rng: match &cli.rng {
             Some(raw) => parse_rng(raw)?,
             None => Default::default(),
@@ -209,6 +214,26 @@ fn parse_disks(
                 reason,
             };
             let request = crate::remote::device_request(crate::remote::DeviceKind::Disk, spec)
+                .map_err(|e| invalid(e.to_string()))?;
+            serde_json::from_value(request.body).map_err(|e| invalid(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// `--pmem` values in Cloud Hypervisor's syntax, converted exactly as `trenv-remote add-pmem` does.
+fn parse_pmem(raw: &[String]) -> Result<Option<Vec<api::models::PmemConfig>>, config::ConfigError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.iter()
+        .map(|spec| {
+            let invalid = |reason: String| config::ConfigError::Invalid {
+                option: "--pmem",
+                value: spec.clone(),
+                reason,
+            };
+            let request = crate::remote::device_request(crate::remote::DeviceKind::Pmem, spec)
                 .map_err(|e| invalid(e.to_string()))?;
             serde_json::from_value(request.body).map_err(|e| invalid(e.to_string()))
         })

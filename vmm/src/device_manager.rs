@@ -68,6 +68,8 @@ pub struct DeviceManager {
     pub pci: PciDevices,
     /// Guest milestones in arrival order, for the VMM's own reporting (boot time, ready).
     pub guest_events: Arc<Mutex<Vec<GuestEvent>>>,
+    /// virtio-pmem mappings (they must outlive the VM's memslots on them), for accounting and diagnosis.
+    pub pmem: Vec<virtio_pmem_share::PmemHandle>,
 }
 
 /// The UART's output sink for `config`, and the console socket to serve once the UART exists.
@@ -193,13 +195,28 @@ impl DeviceManager {
             .map(DiskSpec::try_from)
             .collect::<Result<Vec<_>, _>>()?;
         let rng = Some(RngSpec::from(&config.rng));
-        let pci = PciDevices::with_router(
+        let mut pci = PciDevices::with_router(
             router,
             &vm,
             memory,
             (&mut pio, &mut mmio),
             &disks,
             rng.as_ref(),
+        )?;
+        // After RAM's memslots, in the window above RAM; the handles keep the files mapped.
+        let pmem_specs = config
+            .pmem
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(n, p)| crate::pci_devices::pmem_spec(n, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pmem = pci.add_pmem(
+            &pmem_specs,
+            layout::pmem_window_start(config.memory.size),
+            crate::memory::first_free_slot(memory),
+            memory,
+            &mut mmio,
         )?;
 
         let idle_waker = IdleWaker::default();
@@ -219,6 +236,7 @@ impl DeviceManager {
             idle_waker,
             pci,
             guest_events,
+            pmem,
         })
     }
 }

@@ -91,3 +91,36 @@ pub fn register_with_kvm(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Memo
     }
     Ok(())
 }
+
+/// The first memslot number after guest RAM's (RAM takes 0..regions).
+pub fn first_free_slot(memory: &GuestMemoryMmap) -> u32 {
+    memory.num_regions() as u32
+}
+
+/// Registers a memslot outside guest RAM (a virtio-pmem range): `size` bytes at `host_addr` appear at
+/// `guest_addr`.
+///
+/// # Safety
+/// `[host_addr, host_addr + size)` must stay mapped for as long as the VM may run its vCPUs.
+pub unsafe fn register_extra_slot(
+    vm: &VmFd,
+    slot: u32,
+    guest_addr: u64,
+    host_addr: u64,
+    size: u64,
+) -> Result<(), MemoryError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: guest_addr,
+        memory_size: size,
+        userspace_addr: host_addr,
+    };
+    // SAFETY: the caller keeps the host range mapped for the VM's life.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::RegisterSlot {
+        slot,
+        guest_addr,
+        size_mib: size >> 20,
+        source,
+    })
+}

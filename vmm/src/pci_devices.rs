@@ -72,6 +72,26 @@ impl TryFrom<&api::models::DiskConfig> for DiskSpec {
     }
 }
 
+/// The API's pmem config as the device needs it; `id` defaults to `_pmem<N>` (N counts pmem devices from
+/// 0), as Cloud Hypervisor names them.
+pub fn pmem_spec(
+    n: usize,
+    p: &api::models::PmemConfig,
+) -> Result<virtio_pmem_share::PmemSpec, PciError> {
+    if p.iommu {
+        return Err(PciError::Unsupported("pmem behind a virtual IOMMU"));
+    }
+    if p.pci_segment != 0 {
+        return Err(PciError::Unsupported("PCI segments other than 0"));
+    }
+    Ok(virtio_pmem_share::PmemSpec {
+        id: p.id.clone().unwrap_or_else(|| format!("_pmem{n}")),
+        file: p.file.clone(),
+        size: p.size,
+        discard_writes: p.discard_writes,
+    })
+}
+
 impl From<&api::models::RngConfig> for RngSpec {
     fn from(r: &api::models::RngConfig) -> Self {
         RngSpec { src: r.src.clone() }
@@ -100,6 +120,20 @@ pub enum PciError {
     },
     #[error("rng")]
     Rng(#[from] RngError),
+    #[error("pmem {id}")]
+    Pmem {
+        id: String,
+        #[source]
+        source: virtio_pmem_share::PmemError,
+    },
+    #[error("pmem {id}: cannot map its range into the guest")]
+    PmemSlot {
+        id: String,
+        #[source]
+        source: crate::memory::MemoryError,
+    },
+    #[error("the pmem ranges do not fit in the guest-physical address space")]
+    PmemWindow,
     #[error("unsupported device configuration: {0}")]
     Unsupported(&'static str),
     #[error("device id {0} is used twice")]
@@ -276,6 +310,65 @@ impl PciDevices {
         log::info!("pci: {id} at {bdf}, BAR0 {bar:#x}");
         self.entries.push(Entry { id, bdf, device });
         Ok(bdf)
+    }
+
+    /// Maps each pmem file, makes its range KVM memslot `first_slot + i` in the pmem window from
+    /// `window_start` (see `virtio_pmem_share::place`), and adds a virtio-pmem device describing it. The
+    /// returned handles own the mappings: keep them for as long as the VM exists.
+    pub fn add_pmem(
+        &mut self,
+        specs: &[virtio_pmem_share::PmemSpec],
+        window_start: u64,
+        first_slot: u32,
+        mem: &GuestMemory,
+        mmio: &mut Bus,
+    ) -> Result<Vec<virtio_pmem_share::PmemHandle>, PciError> {
+        use virtio_pmem_share::{Pmem, PmemBacking, PmemHandle};
+        let mut backings = Vec::with_capacity(specs.len());
+        for spec in specs {
+            if self.entries.iter().any(|e| e.id == spec.id) {
+                return Err(PciError::DuplicateId(spec.id.clone()));
+            }
+            let backing = PmemBacking::open(spec).map_err(|source| PciError::Pmem {
+                id: spec.id.clone(),
+                source,
+            })?;
+            backings.push(Arc::new(backing));
+        }
+        let sizes: Vec<u64> = backings.iter().map(|b| b.size()).collect();
+        let starts = virtio_pmem_share::place(window_start, &sizes).ok_or(PciError::PmemWindow)?;
+        let mut handles = Vec::with_capacity(specs.len());
+        for (i, (backing, guest_addr)) in backings.into_iter().zip(starts).enumerate() {
+            let id = backing.id().to_string();
+            // SAFETY: the handle returned to the caller owns the mapping for the VM's life.
+            unsafe {
+                crate::memory::register_extra_slot(
+                    &self.vm,
+                    first_slot + i as u32,
+                    guest_addr,
+                    backing.host_addr(),
+                    backing.size(),
+                )
+            }
+            .map_err(|source| PciError::PmemSlot {
+                id: id.clone(),
+                source,
+            })?;
+            let device = Pmem::new(backing.clone(), guest_addr);
+            let counters = device.counters();
+            self.add_virtio(id.clone(), Box::new(device), mem, mmio)?;
+            log::info!(
+                "pmem {id}: guest range {guest_addr:#x}+{:#x}",
+                backing.size()
+            );
+            handles.push(PmemHandle {
+                id,
+                guest_addr,
+                backing,
+                counters,
+            });
+        }
+        Ok(handles)
     }
 
     fn root_lock(&self) -> std::sync::MutexGuard<'_, PciRoot> {

@@ -606,8 +606,9 @@ fn check_template_cached(
 ) -> Result<CheckedTemplate, SnapshotError> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (Vec<u8>, Arc<CheckedTemplate>)>>> =
-        OnceLock::new();
+    /// Directory -> (its manifest checksum file's bytes, the checked template).
+    type Cache = HashMap<PathBuf, (Vec<u8>, Arc<CheckedTemplate>)>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = std::fs::read(dir.join(format::MANIFEST_SUM_FILE)).map_err(|source| {
         SnapshotError::Open {

@@ -413,9 +413,18 @@ impl Vmm {
             .as_ref()
             .map(|vm| vm.guest_events().len())
             .unwrap_or(0);
-        serde_json::json!({
+        let mut counters = serde_json::json!({
             "guest-signal": { "events": events },
-        })
+        });
+        for pmem in self.vm.iter().flat_map(|vm| &vm.devices().pmem) {
+            let values: serde_json::Map<String, serde_json::Value> = pmem
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect();
+            counters[format!("pmem {}", pmem.id)] = values.into();
+        }
+        counters
     }
 
     /// Serves API calls and guest exits until the process should end.
@@ -486,8 +495,16 @@ impl Vmm {
                 Some(VmmExit::Guest(reason))
             }
             Err(e) => {
+                // A pmem file that shrank under the guest makes KVM_RUN fail with a bare EFAULT: name it.
+                let mut message = crate::error_chain(&e);
+                for pmem in &vm.devices().pmem {
+                    if let Err(cause) = pmem.backing.check_file() {
+                        log::error!("{cause}");
+                        message = format!("{message}: {cause}");
+                    }
+                }
                 self.stop_vm();
-                Some(VmmExit::Failed(crate::error_chain(&e)))
+                Some(VmmExit::Failed(message))
             }
         }
     }
@@ -559,8 +576,13 @@ fn unsupported_feature(config: &VmConfig) -> Option<&'static str> {
     if non_empty(config.net.as_ref().map(Vec::len)) {
         return Some("net (virtio-net)");
     }
-    if non_empty(config.pmem.as_ref().map(Vec::len)) {
-        return Some("pmem (virtio-pmem)");
+    if config
+        .pmem
+        .iter()
+        .flatten()
+        .any(|p| p.iommu || p.pci_segment != 0)
+    {
+        return Some("pmem behind a virtual IOMMU or on a PCI segment other than 0");
     }
     if non_empty(config.fs.as_ref().map(Vec::len)) {
         return Some("fs (virtio-fs)");

@@ -183,6 +183,7 @@ boot_pml4:
     .quad boot_pdpt + 0x7
     .fill 511, 8, 0
     .balign 4096
+    .globl boot_pdpt            /* virtio/pmem.rs maps ranges above 4 GiB into it */
 boot_pdpt:
     .quad boot_pd + 0x7
     .quad boot_pd + 0x1000 + 0x7

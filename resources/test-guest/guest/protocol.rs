@@ -42,6 +42,12 @@ pub const SIGNAL_SERVE_HEAP: u32 = 0x101;
 pub const SIGNAL_SERVE_RESTORED: u32 = 0x102;
 /// `serve`: the restored instance verified its heap and wrote its private data (arg = heap checksum).
 pub const SIGNAL_SERVE_VERIFIED: u32 = 0x103;
+/// `pmem`: the first read of the range is done (arg = its checksum).
+pub const SIGNAL_PMEM_READ: u32 = 0x110;
+/// `pmem`: reads, writes and flush are done, before `hold` (arg = checksum).
+pub const SIGNAL_PMEM_DONE: u32 = 0x111;
+/// `blkread`: the image is in guest RAM, before `hold` (arg = checksum).
+pub const SIGNAL_BLKREAD_DONE: u32 = 0x112;
 
 /// Workload ids (the argument of READY / WORKLOAD_START).
 pub const WORKLOAD_ID_BOOT: u64 = 1;
@@ -52,6 +58,9 @@ pub const WORKLOAD_ID_SERVE: u64 = 5;
 pub const WORKLOAD_ID_PCI: u64 = 6;
 pub const WORKLOAD_ID_BLK: u64 = 7;
 pub const WORKLOAD_ID_RNG: u64 = 8;
+/// 16 and up: clear of ids other device workloads take from 9.
+pub const WORKLOAD_ID_PMEM: u64 = 16;
+pub const WORKLOAD_ID_BLKREAD: u64 = 17;
 
 /// FAILURE arguments.
 pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;

@@ -200,7 +200,10 @@ impl Console {
     fn wait_for(&self, pred: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some(line) = self.seen.lock().unwrap().lines().find(|l| pred(l)) {
+            // Only complete lines: the console relays output as the guest writes it, byte by byte.
+            let seen = self.seen.lock().unwrap().clone();
+            let complete = &seen[..seen.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(line) = complete.lines().find(|l| pred(l)) {
                 return line.to_string();
             }
             assert!(

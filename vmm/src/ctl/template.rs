@@ -576,30 +576,6 @@ pub(super) fn describe(record: &TemplateRecord) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_times() {
-        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc_time(951_782_400_000), "2000-02-29 00:00:00 UTC");
-        assert_eq!(utc_time(1_798_761_599_999), "2026-12-31 23:59:59 UTC");
-        assert_eq!(utc_time(4_107_542_400_000), "2100-03-01 00:00:00 UTC");
-    }
-
-    #[test]
-    fn staging_names_are_valid_and_distinct() {
-        let a = staging_name("t1");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-        let b = staging_name("t1");
-        assert_ne!(a, b);
-        assert!(memory_template::writer::valid_name(&a), "{a}");
-        assert_eq!(short("0123456789abcdef"), "0123456789ab");
-        assert_eq!(short("ab"), "ab");
-    }
-}
-
 /// `trenvctl repurpose VM TEMPLATE`: switches a running VM in place to another template (or, when its
 /// layout differs, the VMM restores a new VM from it and says so).
 pub(super) fn repurpose(
@@ -656,4 +632,28 @@ pub(super) fn repurpose(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_time(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_time(1_798_761_599_999), "2026-12-31 23:59:59 UTC");
+        assert_eq!(utc_time(4_107_542_400_000), "2100-03-01 00:00:00 UTC");
+    }
+
+    #[test]
+    fn staging_names_are_valid_and_distinct() {
+        let a = staging_name("t1");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let b = staging_name("t1");
+        assert_ne!(a, b);
+        assert!(memory_template::writer::valid_name(&a), "{a}");
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("ab"), "ab");
+    }
 }

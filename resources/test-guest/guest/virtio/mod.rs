@@ -15,6 +15,7 @@ pub mod caps;
 #[allow(dead_code)]
 pub mod dma;
 pub mod mmio;
+pub mod pmem;
 #[allow(dead_code)]
 pub mod ring;
 

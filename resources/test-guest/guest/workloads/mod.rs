@@ -9,6 +9,7 @@ mod boot;
 mod fault;
 mod idle;
 mod pci;
+mod pmem;
 mod rng;
 mod serve;
 mod touch;
@@ -80,6 +81,18 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_RNG,
         params: &["bytes"],
         run: rng::run,
+    },
+    Workload {
+        name: "pmem",
+        id: crate::protocol::WORKLOAD_ID_PMEM,
+        params: &["bytes", "write", "flush", "seed", "passes", "hold"],
+        run: pmem::run_pmem,
+    },
+    Workload {
+        name: "blkread",
+        id: crate::protocol::WORKLOAD_ID_BLKREAD,
+        params: &["bytes", "hold"],
+        run: pmem::run_blkread,
     },
 ];
 

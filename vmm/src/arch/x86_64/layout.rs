@@ -19,6 +19,8 @@
 //!   0xfe00_2000                 guest-idle device (a blocking read for guests that cannot halt)
 //!   0xfec0_0000                 IOAPIC (emulated by the VMM: split irqchip)
 //!   0xfee0_0000                 LAPIC (in KVM)
+//! 64-bit pmem window from PMEM_WINDOW_START (64 GiB, or the end of RAM rounded up to 1 GiB if higher):
+//!   virtio-pmem ranges, each on a 1 GiB boundary (see `virtio_pmem_share::place`)
 //! Port I/O: 0x3f8-0x3ff UART (IRQ 4), 0x60-0x64 i8042 (reset), 0x3c0 ACPI sleep control, 0x3c1 sleep status
 //! ```
 
@@ -47,6 +49,25 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 pub const MEM_32BIT_GAP_START: u64 = 0xc000_0000;
 pub const MEM_32BIT_GAP_SIZE: u64 = 0x4000_0000;
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+
+/// virtio-pmem ranges live above guest RAM, far from it so RAM can grow without moving them: Linux wants
+/// them 128 MiB (memory section) aligned for DAX; 1 GiB alignment covers that and 1 GiB guest pages.
+pub const PMEM_WINDOW_START: u64 = 64 << 30;
+pub const PMEM_WINDOW_ALIGNMENT: u64 = 1 << 30;
+
+/// Where the pmem window starts for a guest with `mem_size` bytes of RAM.
+pub fn pmem_window_start(mem_size: u64) -> u64 {
+    let ram_end = if mem_size <= MEM_32BIT_GAP_START {
+        mem_size
+    } else {
+        RAM_64BIT_START.saturating_add(mem_size - MEM_32BIT_GAP_START)
+    };
+    PMEM_WINDOW_START.max(
+        ram_end
+            .checked_next_multiple_of(PMEM_WINDOW_ALIGNMENT)
+            .unwrap_or(u64::MAX),
+    )
+}
 
 pub const PCI_MMIO32_START: u64 = 0xc000_0000;
 pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;

@@ -2,6 +2,7 @@
 //!
 //! - `boot`: VMM process spawn to the test guest's boot-complete signal, and the VMM's peak RSS.
 //! - `restore`: template restores in every memory mode, and the host memory N instances cost.
+//! - `pmem`: host memory of one image read by N guests through virtio-pmem against virtio-blk.
 //! - `api`: API round trips (ping) and vm.create+vm.boot latency.
 //!
 //! The VMM is this very binary re-executed in VMM mode (`trenv-bench __vmm ...` runs exactly `trenv`'s
@@ -10,6 +11,7 @@
 mod api;
 mod boot;
 mod common;
+mod pmem;
 mod repurpose;
 mod restore;
 
@@ -65,6 +67,15 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Host memory of one image read whole by N guests: virtio-pmem (shared mapping) vs virtio-blk.
+    Pmem {
+        #[arg(long, default_value_t = 16)]
+        vms: usize,
+        #[arg(long, default_value_t = 256)]
+        image_mib: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// API latency: vmm.ping round trips and vm.create + vm.boot to Running.
     Api {
         #[arg(long, default_value_t = 2000)]
@@ -102,6 +113,10 @@ fn main() -> ExitCode {
             dirty_mib,
             heap_mib,
             modes: modes.split(',').map(|m| m.trim().to_string()).collect(),
+        }),
+        Bench::Pmem { vms, image_mib, .. } => pmem::run(&pmem::Params {
+            vms: vms.max(1),
+            image_mib,
         }),
         Bench::Api { pings, boots, .. } => api::run(pings.max(1), boots.max(1)),
         Bench::Repurpose {
