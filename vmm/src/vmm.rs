@@ -115,6 +115,35 @@ impl Vmm {
         Ok(())
     }
 
+    /// Adds a device to a VM that has not booted (Cloud Hypervisor answers 204 then); hot-adding to a
+    /// running VM needs ACPI PCI hotplug, which this build does not have.
+    fn cold_add(&mut self, what: &str, add: impl FnOnce(&mut VmConfig)) -> ApiResponse {
+        match self.state() {
+            None => not_created(),
+            Some(VmState::Created) | Some(VmState::Shutdown) => {
+                let Some(config) = self.config.as_ref() else {
+                    return not_created();
+                };
+                let mut config = config.clone();
+                add(&mut config);
+                if let Err(e) = config.validate() {
+                    return ApiResponse::Error {
+                        status: 400,
+                        chain: vec![format!("cannot add the {what}"), e.to_string()],
+                    };
+                }
+                if let Some(missing) = unsupported_feature(&config) {
+                    return ApiResponse::not_available(missing);
+                }
+                self.config = Some(config);
+                ApiResponse::Empty
+            }
+            Some(_) => ApiResponse::not_available(&format!(
+                "hot-adding a {what} to a running VM (ACPI PCI hotplug)"
+            )),
+        }
+    }
+
     /// Builds the VM from a template; it stays paused unless `resume`.
     pub fn restore(
         &mut self,
@@ -311,9 +340,13 @@ impl Vmm {
             R::VmResize(_) | R::VmResizeZone(_) | R::VmResizeDisk(_) => {
                 ApiResponse::not_available("resizing (CPU/memory hotplug is not in this build)")
             }
-            R::VmAddDisk(_)
-            | R::VmAddFs(_)
-            | R::VmAddPmem(_)
+            R::VmAddDisk(disk) => {
+                self.cold_add("disk", |c| c.disks.get_or_insert_with(Vec::new).push(disk))
+            }
+            R::VmAddPmem(pmem) => {
+                self.cold_add("pmem", |c| c.pmem.get_or_insert_with(Vec::new).push(pmem))
+            }
+            R::VmAddFs(_)
             | R::VmAddNet(..)
             | R::VmAddVsock(_)
             | R::VmAddDevice(_)

@@ -175,3 +175,44 @@ fn bad_device_options_are_clear_errors() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("colour"));
 }
+
+#[test]
+fn devices_added_before_boot_through_the_api_are_present() {
+    require_kvm();
+    let scratch = Scratch::new("cold-add");
+    let disk = scratch.0.join("disk.img");
+    disk_image(&disk, 1);
+    let socket = scratch.0.join("api.sock");
+    let vmm = integration::VmmProcess::spawn(TRENV, &["--api-socket", socket.to_str().unwrap()]);
+    let client = api::client::ApiClient::new(&socket);
+    client.wait_until_ready(TIMEOUT).unwrap();
+    let config = serde_json::json!({
+        "payload": {"kernel": test_guest_path(), "cmdline": format!("{GUEST_CONSOLE} pci")},
+        "memory": {"size": 134217728u64},
+        "serial": {"mode": "Tty"},
+    });
+    let (status, body) = client
+        .request("PUT", "vm.create", Some(&config.to_string()), &[])
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    let add = serde_json::json!({"path": disk, "readonly": true, "id": "data"});
+    let (status, body) = client
+        .request("PUT", "vm.add-disk", Some(&add.to_string()), &[])
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    let (_, info) = client.request("GET", "vm.info", None, &[]).unwrap();
+    assert!(info.contains("\"data\""), "{info}");
+    let unsupported = serde_json::json!({"path": "/x.img", "num_queues": 4});
+    let (status, body) = client
+        .request("PUT", "vm.add-disk", Some(&unsupported.to_string()), &[])
+        .unwrap();
+    assert!(status >= 400, "{body}");
+    let (status, body) = client.request("PUT", "vm.boot", None, &[]).unwrap();
+    assert_eq!(status, 204, "{body}");
+    assert!(
+        vmm.wait_for_line(TIMEOUT, |l| l.contains("virtio-blk"))
+            .is_some(),
+        "the added disk is missing:\n{}",
+        vmm.stdout()
+    );
+}
