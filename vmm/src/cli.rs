@@ -64,9 +64,16 @@ struct Cli {
     /// The virtio-rng entropy source: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "OPTIONS")]
     rng: Option<String>,
-    /// off (the virtio console arrives with the virtio devices)
+    /// A virtio-vsock device (hybrid, host side on Unix sockets): cid=N,socket=PATH[,id=ID].
+    #[arg(long, value_name = "OPTIONS")]
+    vsock: Option<String>,
+    /// The virtio console: off | null | tty | file=PATH | socket=PATH.
     #[arg(long, value_name = "MODE", default_value = "off")]
     console: String,
+    /// A virtio-net device on a tap: tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,id=ID] (repeatable). The
+    /// tap is created if it does not exist and brought up.
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<String>,
     /// Serve the Cloud Hypervisor-compatible REST API on this Unix socket: PATH, path=PATH or fd=N.
     #[arg(long, value_name = "SOCKET")]
     api_socket: Option<String>,
@@ -97,13 +104,6 @@ enum Command {
 fn config_from_cli(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
     let serial = config::parse_console("--serial", cli.serial.as_deref().unwrap_or("null"))?;
     let console = config::parse_console("--console", &cli.console)?;
-    if console.mode != ConsoleMode::Off {
-        return Err(config::ConfigError::Invalid {
-            option: "--console",
-            value: cli.console.clone(),
-            reason: "the virtio console is not available yet; only off is accepted".into(),
-        });
-    }
     let config = VmConfig {
         payload: config::PayloadConfig {
             kernel: cli.kernel.clone(),
@@ -117,6 +117,8 @@ fn config_from_cli(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
         console,
         disks: parse_disks(&cli.disk)?,
         pmem: parse_pmem(&cli.pmem)?,
+        net: parse_nets(&cli.net)?,
+        vsock: cli.vsock.as_deref().map(parse_vsock).transpose()?,
         rng: match &cli.rng {
             Some(raw) => parse_rng(raw)?,
             None => Default::default(),
@@ -235,6 +237,41 @@ fn parse_pmem(raw: &[String]) -> Result<Option<Vec<api::models::PmemConfig>>, co
             };
             let request = crate::remote::device_request(crate::remote::DeviceKind::Pmem, spec)
                 .map_err(|e| invalid(e.to_string()))?;
+            serde_json::from_value(request.body).map_err(|e| invalid(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// `--vsock` in Cloud Hypervisor's syntax, converted exactly as `trenv-remote add-vsock` does.
+fn parse_vsock(raw: &str) -> Result<api::models::VsockConfig, config::ConfigError> {
+    let invalid = |reason: String| config::ConfigError::Invalid {
+        option: "--vsock",
+        value: raw.to_string(),
+        reason,
+    };
+    let request = crate::remote::device_request(crate::remote::DeviceKind::Vsock, raw)
+        .map_err(|e| invalid(e.to_string()))?;
+    serde_json::from_value(request.body).map_err(|e| invalid(e.to_string()))
+}
+
+/// `--net` values in Cloud Hypervisor's syntax, converted exactly as `trenv-remote add-net` does.
+fn parse_nets(raw: &[String]) -> Result<Option<Vec<api::models::NetConfig>>, config::ConfigError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.iter()
+        .map(|spec| {
+            let invalid = |reason: String| config::ConfigError::Invalid {
+                option: "--net",
+                value: spec.clone(),
+                reason,
+            };
+            let request = crate::remote::device_request(crate::remote::DeviceKind::Net, spec)
+                .map_err(|e| invalid(e.to_string()))?;
+            if !request.fds.is_empty() {
+                return Err(invalid("fd= is not supported on the command line".into()));
+            }
             serde_json::from_value(request.body).map_err(|e| invalid(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()

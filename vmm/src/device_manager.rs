@@ -203,6 +203,10 @@ impl DeviceManager {
             &disks,
             rng.as_ref(),
         )?;
+        if let Some(vsock) = &config.vsock {
+            let spec = crate::pci_devices::VsockSpec::try_from(vsock)?;
+            pci.add_vsock(&spec, memory, &mut mmio)?;
+        }
         // After RAM's memslots, in the window above RAM; the handles keep the files mapped.
         let pmem_specs = config
             .pmem
@@ -218,6 +222,19 @@ impl DeviceManager {
             memory,
             &mut mmio,
         )?;
+
+        // The virtio console and the NICs take the next slots.
+        let serial_reads_stdin = serial_config.mode == ConsoleMode::Tty;
+        if let Some(console) =
+            crate::pci_devices::console_device(&config.console, serial_reads_stdin)?
+        {
+            let id = crate::pci_devices::CONSOLE_ID.to_string();
+            pci.add_virtio(id, Box::new(console), memory, &mut mmio)?;
+        }
+        for (n, net) in config.net.iter().flatten().enumerate() {
+            let (id, device) = crate::pci_devices::net_device(n, net, Vec::new())?;
+            pci.add_virtio(id, Box::new(device), memory, &mut mmio)?;
+        }
 
         let idle_waker = IdleWaker::default();
         mmio.insert(

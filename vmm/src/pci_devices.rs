@@ -46,6 +46,33 @@ pub struct RngSpec {
 
 pub const RNG_ID: &str = "_rng";
 
+/// The vsock device (the API's `VsockConfig`); `id` defaults to `_vsock`, as Cloud Hypervisor names it.
+#[derive(Clone, Debug)]
+pub struct VsockSpec {
+    pub id: String,
+    pub config: devices::virtio::vsock::VsockConfig,
+}
+
+impl TryFrom<&api::models::VsockConfig> for VsockSpec {
+    type Error = PciError;
+
+    fn try_from(v: &api::models::VsockConfig) -> Result<Self, PciError> {
+        if v.iommu {
+            return Err(PciError::Unsupported("vsock behind a virtual IOMMU"));
+        }
+        if v.pci_segment != 0 {
+            return Err(PciError::Unsupported("PCI segments other than 0"));
+        }
+        Ok(VsockSpec {
+            id: v.id.clone().unwrap_or_else(|| "_vsock".to_string()),
+            config: devices::virtio::vsock::VsockConfig {
+                cid: v.cid,
+                socket: v.socket.clone(),
+            },
+        })
+    }
+}
+
 impl TryFrom<&api::models::DiskConfig> for DiskSpec {
     type Error = PciError;
 
@@ -98,6 +125,132 @@ impl From<&api::models::RngConfig> for RngSpec {
     }
 }
 
+pub const CONSOLE_ID: &str = "_console";
+
+/// The virtio console for `config`, with its output sink and input source wired up; None when it is off.
+/// Input from the terminal is only read when the serial console does not already read it.
+pub fn console_device(
+    config: &api::models::ConsoleConfig,
+    serial_reads_stdin: bool,
+) -> Result<Option<devices::virtio::console::Console>, PciError> {
+    use api::models::ConsoleMode;
+    use devices::virtio::console::{socket, Console, ConsoleSocket};
+    let io_err = |what: &str, source| PciError::Console {
+        what: what.to_string(),
+        source,
+    };
+    let mut socket_to_attach = None;
+    let output: Box<dyn std::io::Write + Send> = match config.mode {
+        ConsoleMode::Off => return Ok(None),
+        ConsoleMode::Null => Box::new(std::io::sink()),
+        ConsoleMode::Tty => Box::new(std::io::stdout()),
+        ConsoleMode::File => {
+            let path = config
+                .file
+                .as_ref()
+                .ok_or(PciError::Unsupported("console mode File needs a file"))?;
+            let file = std::fs::File::create(path)
+                .map_err(|e| io_err(&format!("cannot create {}", path.display()), e))?;
+            Box::new(file)
+        }
+        ConsoleMode::Socket => {
+            let path = config
+                .socket
+                .as_ref()
+                .ok_or(PciError::Unsupported("console mode Socket needs a socket"))?;
+            let sock = ConsoleSocket::bind(path)
+                .map_err(|e| io_err(&format!("cannot listen on {}", path.display()), e))?;
+            let writer = sock.writer();
+            socket_to_attach = Some(sock);
+            Box::new(writer)
+        }
+        ConsoleMode::Pty => return Err(PciError::Unsupported("console mode Pty")),
+    };
+    let console = Console::new(output).map_err(|e| match e {
+        devices::virtio::console::ConsoleError::Event(io) => {
+            io_err("cannot create the console", io)
+        }
+    })?;
+    if let Some(sock) = socket_to_attach {
+        sock.attach(console.input())
+            .map_err(|e| io_err("cannot serve the console socket", e))?;
+    }
+    if config.mode == ConsoleMode::Tty && !serial_reads_stdin {
+        socket::spawn_input_pump(std::io::stdin(), console.input())
+            .map_err(|e| io_err("cannot read stdin", e))?;
+    }
+    Ok(Some(console))
+}
+
+/// Cloud Hypervisor's address for a tap it creates itself (no `tap=` given).
+const DEFAULT_TAP_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 249, 1);
+const DEFAULT_TAP_MASK: std::net::Ipv4Addr = std::net::Ipv4Addr::new(255, 255, 255, 0);
+
+/// A virtio-net device for NIC `n` of the configuration: on tap `fds[0]` if given (vm.add-net), else on
+/// tap `tap` (created if missing, brought up, with `ip`/`mask` set if given), else on a new `vmtapN`.
+/// `id` defaults to `_net<n>`.
+pub fn net_device(
+    n: usize,
+    cfg: &api::models::NetConfig,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<(String, devices::virtio::net::Net), PciError> {
+    use devices::virtio::net::{generated_mac, Net, NetParams, Tap};
+    let id = cfg.id.clone().unwrap_or_else(|| format!("_net{n}"));
+    if cfg.vhost_user {
+        return Err(PciError::Unsupported("vhost-user net"));
+    }
+    if cfg.num_queues != 2 || fds.len() > 1 {
+        return Err(PciError::Unsupported("net has one queue pair"));
+    }
+    if cfg.iommu || cfg.pci_segment != 0 {
+        return Err(PciError::Unsupported(
+            "net behind a virtual IOMMU or on a PCI segment other than 0",
+        ));
+    }
+    if cfg.fds.as_ref().is_some_and(|f| !f.is_empty()) && fds.is_empty() {
+        return Err(PciError::Unsupported(
+            "net fds= given without the descriptors (pass them with vm.add-net)",
+        ));
+    }
+    let ipv4 = |a: Option<std::net::IpAddr>| match a {
+        None => Ok(None),
+        Some(std::net::IpAddr::V4(v4)) => Ok(Some(v4)),
+        Some(_) => Err(PciError::Unsupported("IPv6 tap addresses")),
+    };
+    let net_err = |source| PciError::Net {
+        id: id.clone(),
+        source,
+    };
+    let tap = match (fds.into_iter().next(), &cfg.tap) {
+        (Some(fd), _) => Tap::from_fd(fd).map_err(|e| net_err(e.into()))?,
+        (None, name) => {
+            let (name, ip, mask) = match name {
+                Some(name) => (name.as_str(), ipv4(cfg.ip)?, ipv4(cfg.mask)?),
+                None => (
+                    "vmtap%d",
+                    Some(ipv4(cfg.ip)?.unwrap_or(DEFAULT_TAP_IP)),
+                    Some(ipv4(cfg.mask)?.unwrap_or(DEFAULT_TAP_MASK)),
+                ),
+            };
+            let tap = Tap::open(name).map_err(|e| net_err(e.into()))?;
+            tap.configure_host(ip, mask)
+                .map_err(|e| net_err(e.into()))?;
+            tap
+        }
+    };
+    let params = NetParams {
+        mac: cfg
+            .mac
+            .map(|m| m.0)
+            .unwrap_or_else(|| generated_mac(n as u32)),
+        mtu: cfg.mtu,
+        queue_size: cfg.queue_size,
+    };
+    let device = Net::new(tap, &params).map_err(net_err)?;
+    log::info!("net {id}: tap {}", device.tap_name());
+    Ok((id, device))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
     #[error("PCI")]
@@ -120,6 +273,8 @@ pub enum PciError {
     },
     #[error("rng")]
     Rng(#[from] RngError),
+    #[error("vsock")]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
     #[error("pmem {id}")]
     Pmem {
         id: String,
@@ -154,6 +309,18 @@ pub enum PciError {
     },
     #[error("PCI device state is not part of snapshots yet")]
     SnapshotUnsupported,
+    #[error("virtio console: {what}")]
+    Console {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("net {id}")]
+    Net {
+        id: String,
+        #[source]
+        source: devices::virtio::net::NetError,
+    },
 }
 
 struct Entry {
@@ -168,6 +335,7 @@ pub struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
     bars: BarAllocator,
     entries: Vec<Entry>,
+    vsock_reset: Option<devices::virtio::vsock::ResetHandle>,
 }
 
 impl PciDevices {
@@ -211,6 +379,7 @@ impl PciDevices {
             root,
             bars: BarAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)?,
             entries: Vec::new(),
+            vsock_reset: None,
         };
         for (n, disk) in disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("_disk{n}"));
@@ -369,6 +538,25 @@ impl PciDevices {
             });
         }
         Ok(handles)
+    }
+
+    /// Adds the virtio-vsock device (hybrid: host side on Unix sockets); it starts listening now.
+    pub fn add_vsock(
+        &mut self,
+        spec: &VsockSpec,
+        mem: &GuestMemory,
+        mmio: &mut Bus,
+    ) -> Result<PciBdf, PciError> {
+        let device = devices::virtio::vsock::Vsock::new(&spec.config)?;
+        let reset = device.reset_handle();
+        let bdf = self.add_virtio(spec.id.clone(), Box::new(device), mem, mmio)?;
+        self.vsock_reset = Some(reset);
+        Ok(bdf)
+    }
+
+    /// Resets the vsock transport (after a restore: the host sockets did not survive it).
+    pub fn vsock_reset_handle(&self) -> Option<&devices::virtio::vsock::ResetHandle> {
+        self.vsock_reset.as_ref()
     }
 
     fn root_lock(&self) -> std::sync::MutexGuard<'_, PciRoot> {

@@ -606,8 +606,15 @@ fn unsupported_feature(config: &VmConfig) -> Option<&'static str> {
     {
         return Some("vhost-user or multi-queue disks");
     }
-    if non_empty(config.net.as_ref().map(Vec::len)) {
-        return Some("net (virtio-net)");
+    if config
+        .net
+        .iter()
+        .flatten()
+        .any(|n| n.vhost_user || n.num_queues != 2 || n.iommu || n.pci_segment != 0)
+    {
+        return Some(
+            "vhost-user or multi-queue net, or net behind an IOMMU / on a PCI segment other than 0",
+        );
     }
     if config
         .pmem
@@ -620,8 +627,12 @@ fn unsupported_feature(config: &VmConfig) -> Option<&'static str> {
     if non_empty(config.fs.as_ref().map(Vec::len)) {
         return Some("fs (virtio-fs)");
     }
-    if config.vsock.is_some() {
-        return Some("vsock (virtio-vsock)");
+    if config
+        .vsock
+        .as_ref()
+        .is_some_and(|v| v.iommu || v.pci_segment != 0)
+    {
+        return Some("vsock behind a virtual IOMMU or on a PCI segment other than 0");
     }
     None
 }

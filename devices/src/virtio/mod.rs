@@ -7,8 +7,11 @@
 
 pub mod block;
 pub mod chain;
+pub mod console;
+pub mod net;
 pub mod rng;
 pub mod transport;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;

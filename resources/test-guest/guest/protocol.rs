@@ -58,9 +58,14 @@ pub const WORKLOAD_ID_SERVE: u64 = 5;
 pub const WORKLOAD_ID_PCI: u64 = 6;
 pub const WORKLOAD_ID_BLK: u64 = 7;
 pub const WORKLOAD_ID_RNG: u64 = 8;
+/// Device workloads take ids from 9 (vsock took 24).
+pub const WORKLOAD_ID_CONSOLE: u64 = 12;
+pub const WORKLOAD_ID_NET: u64 = 13;
 /// 16 and up: clear of ids other device workloads take from 9.
 pub const WORKLOAD_ID_PMEM: u64 = 16;
 pub const WORKLOAD_ID_BLKREAD: u64 = 17;
+/// `vsock` (24: clear of the ids other device workloads take).
+pub const WORKLOAD_ID_VSOCK: u64 = 24;
 
 /// FAILURE arguments.
 pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;

@@ -4,4 +4,5 @@
 pub mod blk;
 pub mod caps;
 pub mod dma;
+pub mod net;
 pub mod ring;

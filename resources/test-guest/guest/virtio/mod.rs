@@ -13,11 +13,17 @@ pub mod blk;
 #[allow(dead_code)]
 pub mod caps;
 #[allow(dead_code)]
+pub mod console;
+#[allow(dead_code)]
 pub mod dma;
 pub mod mmio;
+#[allow(dead_code)]
+pub mod net;
 pub mod pmem;
 #[allow(dead_code)]
 pub mod ring;
+#[allow(dead_code)]
+pub mod vsock;
 
 use crate::e820;
 use crate::pci::{self, Header};

@@ -152,14 +152,19 @@ fn params(params: Tokens<'_>) -> Result<(u64, u64, bool), u64> {
     Ok((sectors, seed, write))
 }
 
-/// Ok(checksum of sectors [0, N)).
+/// Ok(checksum of sectors [0, N)), or with mode=rand4k|seq1m|randw4k the benchmark's elapsed ns.
 pub fn run(ctx: &Context<'_>, tokens: Tokens<'_>) -> Result<u64, u64> {
+    let bench = bench_params(tokens.clone())?;
     let (sectors, seed, write) = params(tokens)?;
     let Some((dev, func, _)) = virtio::find(VIRTIO_TYPE_BLOCK) else {
         println!("blk: error: no virtio-blk device on PCI bus 0");
         return Err(FAIL_NO_DEVICE);
     };
-    let bytes = sectors * SECTOR_SIZE;
+    let bytes = if bench.is_some() {
+        BENCH_BUFFER
+    } else {
+        sectors * SECTOR_SIZE
+    };
     // Rings, the request table and the id buffer fit in 64 KiB; then the data buffer.
     let Some(mut dma) = Dma::new(ctx.e820, bytes + (64 << 10)) else {
         println!("blk: error: no usable RAM for {sectors} sectors of buffers");
@@ -207,6 +212,9 @@ pub fn run(ctx: &Context<'_>, tokens: Tokens<'_>) -> Result<u64, u64> {
     let serial = blk::id_str(unsafe { dma_slice(id, blk::ID_BYTES) });
     println!("blk: id={serial}");
 
+    if let Some((mode, count)) = bench {
+        return run_bench(&mut disk, mode, count, capacity, ro, data, max);
+    }
     let needed = if write { 2 * sectors } else { sectors };
     if needed > capacity {
         println!("blk: error: {needed} sectors needed, the disk has {capacity}");
@@ -251,4 +259,136 @@ pub fn run(ctx: &Context<'_>, tokens: Tokens<'_>) -> Result<u64, u64> {
     }
     println!("blk: ok");
     Ok(sum)
+}
+
+/// Data buffer of the benchmark modes: room for a batch of 4 KiB requests or one 1 MiB read.
+const BENCH_BUFFER: u64 = 1 << 20;
+const BENCH_MAX_COUNT: u64 = 1 << 24;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// 4 KiB reads at random 4 KiB-aligned offsets, a batch of them in flight.
+    Rand4k,
+    /// 1 MiB sequential reads (wrapping at the end of the disk), one 1 MiB read per batch.
+    Seq1m,
+    /// 4 KiB writes at random offsets (with the seed's pattern; the disk is scratch).
+    RandW4k,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Rand4k => "rand4k",
+            Mode::Seq1m => "seq1m",
+            Mode::RandW4k => "randw4k",
+        }
+    }
+}
+
+/// `mode=` and `count=` (number of 4 KiB requests, or of MiB for seq1m); None for the default `check`.
+fn bench_params(params: Tokens<'_>) -> Result<Option<(Mode, u64)>, u64> {
+    let mut mode = None;
+    for token in params.clone() {
+        if let Token::KeyValue("mode", v) = token {
+            mode = match v {
+                "check" => None,
+                "rand4k" => Some(Mode::Rand4k),
+                "seq1m" => Some(Mode::Seq1m),
+                "randw4k" => Some(Mode::RandW4k),
+                _ => {
+                    println!("blk: error: mode={v} must be check, rand4k, seq1m or randw4k");
+                    return Err(FAIL_BAD_PARAMETER);
+                }
+            };
+        }
+    }
+    let count = cmdline::param_u64(params, "count", 1000).map_err(|e| {
+        println!("blk: error: {e}");
+        FAIL_BAD_PARAMETER
+    })?;
+    if count == 0 || count > BENCH_MAX_COUNT {
+        println!("blk: error: count={count} must be between 1 and {BENCH_MAX_COUNT}");
+        return Err(FAIL_BAD_PARAMETER);
+    }
+    Ok(mode.map(|m| (m, count)))
+}
+
+/// xorshift64: the random offsets.
+fn next_random(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Runs `count` requests of `mode`, timed with the host clock; prints
+/// `blk: bench mode=M count=N bytes=B ns=T` and returns T.
+fn run_bench(
+    disk: &mut Blk,
+    mode: Mode,
+    count: u64,
+    capacity: u64,
+    ro: bool,
+    data: u64,
+    max: u64,
+) -> Result<u64, u64> {
+    const PAGE_SECTORS: u64 = 4096 / SECTOR_SIZE;
+    const MIB_SECTORS: u64 = (1 << 20) / SECTOR_SIZE;
+    if mode == Mode::RandW4k && ro {
+        println!("blk: error: mode=randw4k on a read-only device");
+        return Err(FAIL_BAD_PARAMETER);
+    }
+    if capacity < MIB_SECTORS {
+        println!("blk: error: the benchmark needs at least 1 MiB of disk");
+        return Err(FAIL_BAD_PARAMETER);
+    }
+    let Some(start) = crate::signal::now_ns() else {
+        println!("blk: error: the benchmark needs the guest-signal clock");
+        return Err(FAIL_DEVICE);
+    };
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let pages = capacity / PAGE_SECTORS;
+    let mut bytes = 0u64;
+    match mode {
+        Mode::Seq1m => {
+            let mibs = capacity / MIB_SECTORS;
+            for i in 0..count {
+                disk.io(blk::T_IN, (i % mibs) * MIB_SECTORS, MIB_SECTORS, data, max)?;
+                bytes += 1 << 20;
+            }
+        }
+        Mode::Rand4k | Mode::RandW4k => {
+            let kind = if mode == Mode::Rand4k {
+                blk::T_IN
+            } else {
+                blk::T_OUT
+            };
+            let per_batch = disk.batch.min((BENCH_BUFFER / 4096) as usize);
+            let mut batch = [Request::default(); MAX_BATCH];
+            let mut left = count;
+            while left > 0 {
+                let n = (left as usize).min(per_batch);
+                for (i, r) in batch[..n].iter_mut().enumerate() {
+                    *r = Request {
+                        kind,
+                        sector: (next_random(&mut x) % pages) * PAGE_SECTORS,
+                        data: data + 4096 * i as u64,
+                        len: 4096,
+                    };
+                }
+                disk.run(&batch[..n])?;
+                left -= n as u64;
+                bytes += 4096 * n as u64;
+            }
+        }
+    }
+    let ns = crate::signal::now_ns()
+        .unwrap_or(start)
+        .saturating_sub(start);
+    println!(
+        "blk: bench mode={} count={count} bytes={bytes} ns={ns}",
+        mode.name()
+    );
+    println!("blk: ok");
+    Ok(ns)
 }

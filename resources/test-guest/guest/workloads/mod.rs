@@ -6,13 +6,16 @@
 
 mod blk;
 mod boot;
+mod console;
 mod fault;
 mod idle;
+mod net;
 mod pci;
 mod pmem;
 mod rng;
 mod serve;
 mod touch;
+mod vsock;
 
 use crate::bootinfo::BootInfo;
 use crate::cmdline::Tokens;
@@ -73,7 +76,7 @@ pub static WORKLOADS: &[Workload] = &[
     Workload {
         name: "blk",
         id: crate::protocol::WORKLOAD_ID_BLK,
-        params: &["sectors", "seed", "write"],
+        params: &["sectors", "seed", "write", "mode", "count"],
         run: blk::run,
     },
     Workload {
@@ -81,6 +84,18 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_RNG,
         params: &["bytes"],
         run: rng::run,
+    },
+    Workload {
+        name: "console",
+        id: crate::protocol::WORKLOAD_ID_CONSOLE,
+        params: &["text", "echo"],
+        run: console::run,
+    },
+    Workload {
+        name: "net",
+        id: crate::protocol::WORKLOAD_ID_NET,
+        params: &["pings"],
+        run: net::run,
     },
     Workload {
         name: "pmem",
@@ -93,6 +108,12 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_BLKREAD,
         params: &["bytes", "hold"],
         run: pmem::run_blkread,
+    },
+    Workload {
+        name: "vsock",
+        id: crate::protocol::WORKLOAD_ID_VSOCK,
+        params: &["port", "mode", "bytes", "count"],
+        run: vsock::run,
     },
 ];
 

@@ -3,17 +3,21 @@
 //! - `boot`: VMM process spawn to the test guest's boot-complete signal, and the VMM's peak RSS.
 //! - `restore`: template restores in every memory mode, and the host memory N instances cost.
 //! - `pmem`: host memory of one image read by N guests through virtio-pmem against virtio-blk.
+//! - `blk`: virtio-blk IOPS and MiB/s from the test guest against the host's pread on the same file.
 //! - `api`: API round trips (ping) and vm.create+vm.boot latency.
+//! - `vsock`: host <-> guest round trips and bulk throughput over hybrid virtio-vsock.
 //!
 //! The VMM is this very binary re-executed in VMM mode (`trenv-bench __vmm ...` runs exactly `trenv`'s
 //! main), so `cargo run --bin trenv-bench` needs no other binary built first.
 
 mod api;
+mod blk;
 mod boot;
 mod common;
 mod pmem;
 mod repurpose;
 mod restore;
+mod vsock;
 
 use std::process::ExitCode;
 
@@ -76,12 +80,39 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// virtio-blk from the test guest (4 KiB random read/write, 1 MiB sequential read) vs host pread.
+    Blk {
+        #[arg(long, default_value_t = 256)]
+        image_mib: u64,
+        /// 4 KiB random reads.
+        #[arg(long, default_value_t = 20000)]
+        rand_count: u64,
+        /// MiB read sequentially.
+        #[arg(long, default_value_t = 512)]
+        seq_mib: u64,
+        /// 4 KiB random writes.
+        #[arg(long, default_value_t = 20000)]
+        write_count: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// API latency: vmm.ping round trips and vm.create + vm.boot to Running.
     Api {
         #[arg(long, default_value_t = 2000)]
         pings: usize,
         #[arg(long, default_value_t = 20)]
         boots: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// virtio-vsock (hybrid): round-trip latency of small messages and bulk echo throughput.
+    Vsock {
+        #[arg(long, default_value_t = 2000)]
+        rtt_count: usize,
+        #[arg(long, default_value_t = 64)]
+        msg_bytes: usize,
+        #[arg(long, default_value_t = 256)]
+        bulk_mib: usize,
         #[arg(long)]
         json: bool,
     },
@@ -118,7 +149,29 @@ fn main() -> ExitCode {
             vms: vms.max(1),
             image_mib,
         }),
+        Bench::Blk {
+            image_mib,
+            rand_count,
+            seq_mib,
+            write_count,
+            ..
+        } => blk::run(&blk::Params {
+            image_mib,
+            rand_count: rand_count.max(1),
+            seq_mib: seq_mib.max(1),
+            write_count: write_count.max(1),
+        }),
         Bench::Api { pings, boots, .. } => api::run(pings.max(1), boots.max(1)),
+        Bench::Vsock {
+            rtt_count,
+            msg_bytes,
+            bulk_mib,
+            ..
+        } => vsock::run(&vsock::Params {
+            rtt_count: rtt_count.max(1),
+            msg_bytes: msg_bytes.max(1),
+            bulk_mib: bulk_mib.max(1),
+        }),
         Bench::Repurpose {
             rounds, mem_mib, ..
         } => repurpose::run(rounds.max(1), mem_mib),
