@@ -216,3 +216,48 @@ fn devices_added_before_boot_through_the_api_are_present() {
         vmm.stdout()
     );
 }
+
+#[test]
+fn snapshot_is_refused_once_the_guest_started_a_virtio_device() {
+    require_kvm();
+    let scratch = Scratch::new("snap-refused");
+    let socket = scratch.0.join("api.sock");
+    let vsock = scratch.0.join("vsock.sock");
+    let cmdline = format!("{GUEST_CONSOLE} vsock port=5000 mode=echo");
+    let vsock_arg = format!("cid=3,socket={}", vsock.display());
+    let vmm = integration::VmmProcess::spawn(
+        TRENV,
+        &[
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "--kernel",
+            test_guest_path(),
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "size=128M",
+            "--serial",
+            "tty",
+            "--vsock",
+            &vsock_arg,
+        ],
+    );
+    assert!(
+        vmm.wait_for_line(TIMEOUT, |l| l.starts_with("vsock: listening"))
+            .is_some(),
+        "{}",
+        vmm.stdout()
+    );
+    let client = api::client::ApiClient::new(&socket);
+    let (status, body) = client.request("PUT", "vm.pause", None, &[]).unwrap();
+    assert_eq!(status, 204, "{body}");
+    let target = scratch.0.join("template");
+    let request = serde_json::json!({"destination_url": format!("file://{}", target.display())});
+    let (status, body) = client
+        .request("PUT", "vm.snapshot", Some(&request.to_string()), &[])
+        .unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("virtio device"), "{body}");
+    assert!(!target.exists(), "a refused snapshot left files behind");
+    let _ = client.request("PUT", "vmm.shutdown", None, &[]);
+}
