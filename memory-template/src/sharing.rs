@@ -66,34 +66,43 @@ impl MemoryUsage {
     }
 }
 
-/// A VMA header line: "start-end perms offset dev inode [path]".
-fn vma_range(line: &str) -> Option<(u64, u64)> {
-    let range = line.split_whitespace().next()?;
-    let (s, e) = range.split_once('-')?;
+/// A VMA header line: "start-end perms offset dev inode [path]" -> (start, end, path).
+fn vma_header(line: &str) -> Option<(u64, u64, &str)> {
+    let mut fields = line.splitn(6, ' ');
+    let (s, e) = fields.next()?.split_once('-')?;
+    // Counter lines ("Rss:   4 kB") have no '-' range in the first field, so they never parse here.
     let s = u64::from_str_radix(s, 16).ok()?;
     let e = u64::from_str_radix(e, 16).ok()?;
-    // Counter lines ("Rss:   4 kB") have no '-' range in the first field, so they never parse here.
-    Some((s, e))
+    // perms, offset, dev, inode; the path (which may contain spaces) is the rest, after padding.
+    for _ in 0..4 {
+        fields.next()?;
+    }
+    Some((s, e, fields.next().unwrap_or("").trim_start()))
 }
 
 fn read(path: PathBuf) -> Result<String, SharingError> {
     std::fs::read_to_string(&path).map_err(|source| SharingError::Read { path, source })
 }
 
-/// Sums the counters of the VMAs in `smaps` text for which `want(start, end)` is true.
-fn sum_smaps(text: &str, want: impl Fn(u64, u64) -> bool) -> (MemoryUsage, usize) {
+/// Sums the counters of the VMAs in `smaps` text for which `want(start, end, path)` is true; also returns
+/// how many VMAs matched and their total size.
+fn sum_smaps(text: &str, want: impl Fn(u64, u64, &str) -> bool) -> (MemoryUsage, usize, u64) {
     let mut usage = MemoryUsage::default();
     let mut matched = 0;
+    let mut size = 0;
     let mut in_wanted = false;
     for line in text.lines() {
-        if let Some((s, e)) = vma_range(line) {
-            in_wanted = want(s, e);
-            matched += in_wanted as usize;
+        if let Some((s, e, path)) = vma_header(line) {
+            in_wanted = want(s, e, path);
+            if in_wanted {
+                matched += 1;
+                size += e - s;
+            }
         } else if in_wanted {
             usage.add_line(line);
         }
     }
-    (usage, matched)
+    (usage, matched, size)
 }
 
 /// Totals for the whole process (smaps_rollup when the kernel has it, else the sum of smaps).
@@ -103,7 +112,7 @@ pub fn process_memory(pid: u32) -> Result<MemoryUsage, SharingError> {
         Ok(t) => t,
         Err(_) => read(PathBuf::from(format!("/proc/{pid}/smaps")))?,
     };
-    Ok(sum_smaps(&text, |_, _| true).0)
+    Ok(sum_smaps(&text, |_, _, _| true).0)
 }
 
 /// Totals for the mappings that overlap `[start, start + len)` (whole VMAs: a VMA extending past the range
@@ -111,11 +120,23 @@ pub fn process_memory(pid: u32) -> Result<MemoryUsage, SharingError> {
 pub fn mapping_memory(pid: u32, start: u64, len: u64) -> Result<MemoryUsage, SharingError> {
     let end = start.saturating_add(len);
     let text = read(PathBuf::from(format!("/proc/{pid}/smaps")))?;
-    let (usage, matched) = sum_smaps(&text, |s, e| s < end && e > start);
+    let (usage, matched, _) = sum_smaps(&text, |s, e, _| s < end && e > start);
     if matched == 0 {
         return Err(SharingError::NoMapping { pid, start, end });
     }
     Ok(usage)
+}
+
+/// Totals, and the mapped size, of every mapping of the file at `path` in process `pid`; None when the
+/// process maps none (for processes whose mapping addresses are unknown, like a benchmark's VMMs).
+pub fn file_mappings_memory(
+    pid: u32,
+    path: &std::path::Path,
+) -> Result<Option<(MemoryUsage, u64)>, SharingError> {
+    let text = read(PathBuf::from(format!("/proc/{pid}/smaps")))?;
+    let want = path.to_string_lossy();
+    let (usage, matched, size) = sum_smaps(&text, |_, _, p| p == want);
+    Ok((matched > 0).then_some((usage, size)))
 }
 
 #[cfg(test)]
@@ -139,16 +160,32 @@ Swap:                  4 kB
 
     #[test]
     fn parses_ranges_and_counters() {
-        let (all, n) = sum_smaps(SAMPLE, |_, _| true);
+        let (all, n, size) = sum_smaps(SAMPLE, |_, _, _| true);
         assert_eq!(n, 2);
+        assert!(size >= 0x100000);
         assert_eq!(all.rss, 520 * 1024);
         assert_eq!(all.pss, 264 * 1024);
         assert_eq!(all.shared(), 512 * 1024);
         assert_eq!(all.private(), 8 * 1024);
         assert_eq!(all.swap, 4 * 1024);
-        let (second, n) = sum_smaps(SAMPLE, |s, e| s < 0x7f0000100001 && e > 0x7f0000100000);
+        let (second, n, _) = sum_smaps(SAMPLE, |s, e, _| s < 0x7f0000100001 && e > 0x7f0000100000);
         assert_eq!(n, 1);
         assert_eq!(second.rss, 8 * 1024);
+    }
+
+    #[test]
+    fn parses_vma_headers_with_spaces_in_paths() {
+        let line =
+            "7f0000000000-7f0000200000 rw-p 00000000 fd:01 1234                       /tmp/a b.img";
+        assert_eq!(
+            vma_header(line),
+            Some((0x7f0000000000, 0x7f0000200000, "/tmp/a b.img"))
+        );
+        assert_eq!(
+            vma_header("7f0000000000-7f0000001000 rw-p 00000000 00:00 0 "),
+            Some((0x7f0000000000, 0x7f0000001000, ""))
+        );
+        assert_eq!(vma_header("Rss:   4 kB"), None);
     }
 
     #[test]

@@ -75,76 +75,7 @@ pub fn mapping_usage(pid: u32, addr: u64, size: u64) -> Result<PmemUsage, Sharin
 /// The usage of every mapping of `file` in process `pid` (found by path in smaps), or `None` if it maps
 /// none. For a process whose mapping addresses are unknown (a benchmark's VMM children).
 pub fn file_mappings_usage(pid: u32, file: &Path) -> Result<Option<PmemUsage>, SharingError> {
-    let path = std::path::PathBuf::from(format!("/proc/{pid}/smaps"));
-    let text = std::fs::read_to_string(&path).map_err(|source| SharingError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    let want = file.to_string_lossy();
-    let mut found: Option<PmemUsage> = None;
-    let mut current: Option<(u64, MemoryUsage)> = None;
-    let finish = |found: &mut Option<PmemUsage>, cur: Option<(u64, MemoryUsage)>| {
-        if let Some((size, u)) = cur {
-            let add = PmemUsage::from_smaps(size, &u);
-            let total = found.get_or_insert_with(PmemUsage::default);
-            total.size += add.size;
-            total.resident += add.resident;
-            total.pss += add.pss;
-            total.copied += add.copied;
-            total.page_cache += add.page_cache;
-            total.private += add.private;
-            total.shared += add.shared;
-        }
-    };
-    for line in text.lines() {
-        if let Some((start, end, vma_path)) = vma_header(line) {
-            finish(&mut found, current.take());
-            if vma_path == want {
-                current = Some((end - start, MemoryUsage::default()));
-            }
-        } else if let Some((_, u)) = current.as_mut() {
-            add_counter(u, line);
-        }
-    }
-    finish(&mut found, current);
-    Ok(found)
-}
-
-/// "start-end perms offset dev inode [path]" -> (start, end, path).
-fn vma_header(line: &str) -> Option<(u64, u64, &str)> {
-    let mut fields = line.splitn(6, ' ');
-    let (s, e) = fields.next()?.split_once('-')?;
-    let start = u64::from_str_radix(s, 16).ok()?;
-    let end = u64::from_str_radix(e, 16).ok()?;
-    // perms, offset, dev, inode; the path (which may contain spaces) is the rest, after padding.
-    for _ in 0..4 {
-        fields.next()?;
-    }
-    Some((start, end, fields.next().unwrap_or("").trim_start()))
-}
-
-fn add_counter(u: &mut MemoryUsage, line: &str) {
-    let Some((key, rest)) = line.split_once(':') else {
-        return;
-    };
-    let field = match key {
-        "Rss" => &mut u.rss,
-        "Pss" => &mut u.pss,
-        "Private_Clean" => &mut u.private_clean,
-        "Private_Dirty" => &mut u.private_dirty,
-        "Shared_Clean" => &mut u.shared_clean,
-        "Shared_Dirty" => &mut u.shared_dirty,
-        "Anonymous" => &mut u.anonymous,
-        "Swap" => &mut u.swap,
-        _ => return,
-    };
-    let kb: u64 = rest
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    *field += kb * 1024;
+    Ok(sharing::file_mappings_memory(pid, file)?.map(|(u, size)| PmemUsage::from_smaps(size, &u)))
 }
 
 /// Bytes of `file` in the host page cache (`mincore` over a fresh read-only mapping, which itself faults
@@ -238,20 +169,5 @@ mod tests {
         );
         assert_eq!(file_cached_bytes(&path).unwrap(), 4 << 20);
         assert!(ua.counters().contains(&("copied_bytes", 1 << 20)));
-    }
-
-    #[test]
-    fn parses_vma_headers_with_spaces_in_paths() {
-        let line =
-            "7f0000000000-7f0000200000 rw-p 00000000 fd:01 1234                       /tmp/a b.img";
-        assert_eq!(
-            vma_header(line),
-            Some((0x7f0000000000, 0x7f0000200000, "/tmp/a b.img"))
-        );
-        assert_eq!(
-            vma_header("7f0000000000-7f0000001000 rw-p 00000000 00:00 0 "),
-            Some((0x7f0000000000, 0x7f0000001000, ""))
-        );
-        assert_eq!(vma_header("Rss:   4 kB"), None);
     }
 }
