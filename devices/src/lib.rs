@@ -5,6 +5,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod console_socket;
 pub mod exit;
 pub mod guest_idle;
 pub mod guest_signal;

@@ -159,6 +159,13 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
         None => None,
     };
     let serving_api = api.is_some();
+    // Keys must reach a guest console on the terminal unchanged (Ctrl+C included).
+    let tty_console = [cli.serial.as_deref(), Some(cli.console.as_str())].contains(&Some("tty"));
+    let _raw_terminal = if tty_console {
+        crate::terminal::RawTerminal::enable()
+    } else {
+        None
+    };
     let mut vmm = Vmm::new(api);
     if let Some(config) = config {
         // A run that fails to boot must not leave behind a serial output file it created.

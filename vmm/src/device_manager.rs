@@ -21,7 +21,7 @@ use crate::arch::layout;
 use crate::config::{ConsoleConfig, ConsoleMode, VmConfig};
 use crate::event_monitor;
 use crate::pci_devices::{DiskSpec, PciDevices, RngSpec};
-use crate::serial_socket::SerialSocket;
+use devices::console_socket::ConsoleSocket;
 use vm_memory::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ pub struct DeviceManager {
 }
 
 /// The UART's output sink for `config`, and the console socket to serve once the UART exists.
-type SerialOutput = (Box<dyn Write + Send>, Option<SerialSocket>);
+type SerialOutput = (Box<dyn Write + Send>, Option<ConsoleSocket>);
 
 fn serial_output(config: &ConsoleConfig) -> Result<Option<SerialOutput>, DeviceError> {
     let plain = |out: Box<dyn Write + Send>| Some((out, None));
@@ -94,7 +94,7 @@ fn serial_output(config: &ConsoleConfig) -> Result<Option<SerialOutput>, DeviceE
                 .socket
                 .as_ref()
                 .ok_or(DeviceError::MissingSocketPath)?;
-            let socket = SerialSocket::bind(path).map_err(|source| DeviceError::SerialSocket {
+            let socket = ConsoleSocket::bind(path).map_err(|source| DeviceError::SerialSocket {
                 path: path.display().to_string(),
                 source,
             })?;
@@ -127,9 +127,12 @@ impl DeviceManager {
             Some((out, socket)) => {
                 let irq = IrqLine::new(ioapic.clone(), layout::SERIAL_IRQ);
                 let serial = Arc::new(Mutex::new(SerialDevice::new(irq, out)));
+                if serial_config.mode == ConsoleMode::Tty {
+                    crate::terminal::route_stdin_to(serial.clone());
+                }
                 if let Some(socket) = socket {
                     socket
-                        .attach(serial.clone())
+                        .attach("serial-socket", serial.clone())
                         .map_err(|source| DeviceError::SerialSocket {
                             path: serial_config
                                 .socket

@@ -134,7 +134,8 @@ pub fn console_device(
     serial_reads_stdin: bool,
 ) -> Result<Option<devices::virtio::console::Console>, PciError> {
     use api::models::ConsoleMode;
-    use devices::virtio::console::{socket, Console, ConsoleSocket};
+    use devices::console_socket::ConsoleSocket;
+    use devices::virtio::console::Console;
     let io_err = |what: &str, source| PciError::Console {
         what: what.to_string(),
         source,
@@ -172,12 +173,11 @@ pub fn console_device(
         }
     })?;
     if let Some(sock) = socket_to_attach {
-        sock.attach(console.input())
+        sock.attach("console-socket", console.input())
             .map_err(|e| io_err("cannot serve the console socket", e))?;
     }
     if config.mode == ConsoleMode::Tty && !serial_reads_stdin {
-        socket::spawn_input_pump(std::io::stdin(), console.input())
-            .map_err(|e| io_err("cannot read stdin", e))?;
+        crate::terminal::route_stdin_to(console.input());
     }
     Ok(Some(console))
 }

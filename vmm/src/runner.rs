@@ -8,7 +8,7 @@ use devices::guest_signal::{event, GuestEvent};
 
 use crate::config::{ConsoleMode, VmConfig};
 use crate::event_monitor;
-use crate::terminal::{self, RawTerminal};
+use crate::terminal::RawTerminal;
 use crate::vm::{self, Vm, VmError};
 
 /// How a VM run ended and what it measured.
@@ -47,11 +47,6 @@ fn boot_and_wait(config: &VmConfig, start_ns: u64) -> Result<RunReport, VmError>
     vm.configure_for_boot()?;
     let tty = config.serial.mode == ConsoleMode::Tty;
     let _raw_terminal = if tty { RawTerminal::enable() } else { None };
-    if tty {
-        if let Some(serial) = vm.devices().serial.clone() {
-            terminal::spawn_stdin_pump(serial);
-        }
-    }
     event_monitor::emit("vm", "booting", &[]);
     vm.start()?;
     let exit = vm.wait();

@@ -1,11 +1,9 @@
 //! The host terminal when the serial console is `tty`: raw mode while the VM runs (so keys reach the guest
 //! unchanged) and a thread feeding stdin into the UART.
 
-use std::io::Read;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use devices::legacy::serial::SerialDevice;
+use devices::console_socket::{spawn_input_pump, InputSink};
 
 /// Restores the terminal's settings when dropped.
 pub struct RawTerminal {
@@ -43,36 +41,29 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Copies stdin into the UART's receive FIFO until stdin closes. The thread is detached: it ends with
-/// the process.
-pub fn spawn_stdin_pump(serial: Arc<Mutex<SerialDevice>>) {
-    let _ = std::thread::Builder::new()
-        .name("serial-in".into())
-        .spawn(move || {
-            let mut stdin = std::io::stdin();
-            let mut buf = [0u8; 64];
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut pending = &buf[..n];
-                while !pending.is_empty() {
-                    let room = {
-                        let mut uart = serial.lock().unwrap_or_else(|e| e.into_inner());
-                        let room = uart.fifo_capacity().min(pending.len());
-                        if room > 0 && uart.enqueue_input(&pending[..room]).is_ok() {
-                            room
-                        } else {
-                            0
-                        }
-                    };
-                    pending = &pending[room..];
-                    if room == 0 {
-                        // The guest has not drained the FIFO yet.
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            }
-        });
+/// Where stdin goes now: the console device of the VM that currently runs (a reboot or repurpose
+/// replaces it), fed by one reader thread for the life of the process.
+static STDIN_SINK: Mutex<Option<Arc<dyn InputSink>>> = Mutex::new(None);
+
+/// Routes stdin to `sink` (the UART or virtio console in tty mode), starting the reader thread once.
+pub fn route_stdin_to(sink: Arc<dyn InputSink>) {
+    let first = {
+        let mut current = STDIN_SINK.lock().unwrap_or_else(|e| e.into_inner());
+        let first = current.is_none();
+        *current = Some(sink);
+        first
+    };
+    if first {
+        let _ = spawn_input_pump("stdin", std::io::stdin(), Arc::new(CurrentSink));
+    }
+}
+
+/// Forwards to whatever `route_stdin_to` named last.
+struct CurrentSink;
+
+impl InputSink for CurrentSink {
+    fn push(&self, bytes: &[u8]) -> usize {
+        let sink = STDIN_SINK.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        sink.map_or(bytes.len(), |s| s.push(bytes))
+    }
 }

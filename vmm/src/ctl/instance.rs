@@ -81,7 +81,8 @@ fn now_unix() -> u64 {
 
 /// True when `pid` is a live (not zombie) process whose command line names `api_socket`, so a recycled
 /// pid never passes for our VMM.
-pub fn is_our_vmm(pid: u32, api_socket: &Path) -> bool {
+/// Whether `pid` is still running at all (not gone, not a zombie).
+fn process_running(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -89,7 +90,11 @@ pub fn is_our_vmm(pid: u32, api_socket: &Path) -> bool {
     let state = stat
         .rfind(')')
         .and_then(|i| stat[i + 1..].split_whitespace().next());
-    if matches!(state, Some("Z") | Some("X") | Some("x") | None) {
+    !matches!(state, Some("Z") | Some("X") | Some("x") | None)
+}
+
+pub fn is_our_vmm(pid: u32, api_socket: &Path) -> bool {
+    if !process_running(pid) {
         return false;
     }
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -446,7 +451,12 @@ fn spawn_and_boot(paths: &VmPaths, req: &StartRequest<'_>) -> Result<u32, CtlErr
 /// Waits until `pid` is no longer our VMM; true if it went within `timeout`.
 pub fn wait_gone(pid: u32, api_socket: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    while is_our_vmm(pid, api_socket) {
+    if !is_our_vmm(pid, api_socket) {
+        return true;
+    }
+    // Once it is known to be ours, wait on the process itself: an exiting process loses its command line
+    // (its memory is torn down) before it stops running.
+    while process_running(pid) {
         if Instant::now() >= deadline {
             return false;
         }

@@ -5,8 +5,6 @@
 //! side into a bounded [`ConsoleInput`] buffer that wakes the worker; bytes wait there until the driver
 //! posts receive buffers, and a full buffer pushes back on the producer instead of growing.
 
-pub mod socket;
-
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -22,7 +20,7 @@ use crate::virtio::{
 };
 use crate::warn_ratelimited;
 
-pub use socket::ConsoleSocket;
+pub use crate::console_socket::ConsoleSocket;
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: u16 = 0;

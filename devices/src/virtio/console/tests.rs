@@ -182,7 +182,7 @@ fn socket_client_gets_output_and_types_input() {
     let socket = ConsoleSocket::bind(&path).unwrap();
     let mut writer = socket.writer();
     let console = Console::new(Box::new(std::io::sink())).unwrap();
-    socket.attach(console.input()).unwrap();
+    socket.attach("console-socket", console.input()).unwrap();
     // Output before anyone connects is dropped.
     writer.write_all(b"lost").unwrap();
     let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();

@@ -1,5 +1,7 @@
-//! Host ends of the virtio console: a Unix socket (`--console socket=PATH`: one client at a time gets the
-//! guest's output and types its input, as with the serial socket) and a reader thread for stdin.
+//! Host ends of a guest console, shared by the UART (`--serial`) and the virtio console (`--console`):
+//! a Unix socket whose one connected client (as with a physical console) receives the guest's output and
+//! types its input, and a reader thread that feeds stdin in. Output while nobody is connected is dropped,
+//! as on an unplugged line; input waits (bounded) while the guest has not drained its buffer.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -7,12 +9,29 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::ConsoleInput;
+/// Where typed bytes go: a device's receive buffer. Returns how many bytes it took (0 = full for now).
+pub trait InputSink: Send + Sync + 'static {
+    fn push(&self, bytes: &[u8]) -> usize;
+}
+
+impl InputSink for Mutex<crate::legacy::serial::SerialDevice> {
+    fn push(&self, bytes: &[u8]) -> usize {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .enqueue_input(bytes)
+            .unwrap_or(0)
+    }
+}
+
+impl InputSink for crate::virtio::console::ConsoleInput {
+    fn push(&self, bytes: &[u8]) -> usize {
+        crate::virtio::console::ConsoleInput::push(self, bytes)
+    }
+}
 
 type Client = Arc<Mutex<Option<UnixStream>>>;
 
-/// The console's output side on a socket: writes to whoever is connected; output while nobody is
-/// connected is dropped, like an unplugged line.
+/// A console's output side on a socket: writes to whoever is connected.
 pub struct SocketWriter {
     client: Client,
 }
@@ -22,6 +41,7 @@ impl Write for SocketWriter {
         let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(stream) = client.as_mut() {
             if stream.write_all(buf).is_err() {
+                // The client went away; the next one gets output from here on.
                 *client = None;
             }
         }
@@ -33,6 +53,7 @@ impl Write for SocketWriter {
     }
 }
 
+/// A bound console socket; `attach` starts serving it once the device exists.
 pub struct ConsoleSocket {
     listener: UnixListener,
     path: PathBuf,
@@ -61,10 +82,10 @@ impl ConsoleSocket {
         }
     }
 
-    /// Serves connections on a thread of its own for the life of the process.
-    pub fn attach(self, input: Arc<ConsoleInput>) -> std::io::Result<()> {
+    /// Serves connections on a thread of its own (named `name`) for the life of the process.
+    pub fn attach(self, name: &str, input: Arc<dyn InputSink>) -> std::io::Result<()> {
         std::thread::Builder::new()
-            .name("console-socket".into())
+            .name(name.into())
             .spawn(move || {
                 for stream in self.listener.incoming() {
                     let Ok(stream) = stream else { continue };
@@ -72,7 +93,7 @@ impl ConsoleSocket {
                         continue;
                     };
                     *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
-                    pump(reader, &input);
+                    pump(reader, input.as_ref());
                     *self.client.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 log::debug!("console socket {} closed", self.path.display());
@@ -81,19 +102,20 @@ impl ConsoleSocket {
     }
 }
 
-/// Feeds `reader` (e.g. stdin) into the console until it ends, on a detached thread.
+/// Feeds `reader` (e.g. stdin) into `input` until it ends, on a detached thread named `name`.
 pub fn spawn_input_pump(
+    name: &str,
     reader: impl Read + Send + 'static,
-    input: Arc<ConsoleInput>,
+    input: Arc<dyn InputSink>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
-        .name("console-input".into())
-        .spawn(move || pump(reader, &input))?;
+        .name(name.into())
+        .spawn(move || pump(reader, input.as_ref()))?;
     Ok(())
 }
 
-/// Copies `reader` into `input`, waiting while the guest has not drained the buffer.
-fn pump(mut reader: impl Read, input: &ConsoleInput) {
+/// Copies `reader` into `input`, waiting while the guest has not drained its buffer.
+fn pump(mut reader: impl Read, input: &dyn InputSink) {
     let mut buf = [0u8; 1024];
     loop {
         let n = match reader.read(&mut buf) {
@@ -103,7 +125,7 @@ fn pump(mut reader: impl Read, input: &ConsoleInput) {
         let mut pending = &buf[..n];
         while !pending.is_empty() {
             let taken = input.push(pending);
-            pending = &pending[taken..];
+            pending = &pending[taken.min(pending.len())..];
             if taken == 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
