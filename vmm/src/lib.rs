@@ -14,6 +14,7 @@ pub mod event_monitor;
 pub mod logger;
 pub mod memory;
 pub mod pci_devices;
+pub mod pool;
 pub mod remote;
 pub mod runner;
 pub mod snapshot;

@@ -66,6 +66,8 @@ pub const WORKLOAD_ID_PMEM: u64 = 16;
 pub const WORKLOAD_ID_BLKREAD: u64 = 17;
 /// `vsock` (24: clear of the ids other device workloads take).
 pub const WORKLOAD_ID_VSOCK: u64 = 24;
+/// `function` (the warm pool's guest).
+pub const WORKLOAD_ID_FUNCTION: u64 = 25;
 
 /// FAILURE arguments.
 pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;

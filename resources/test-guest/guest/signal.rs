@@ -48,14 +48,21 @@ pub fn generation() -> u128 {
     if !PRESENT.get() {
         return 0;
     }
-    // SAFETY: device registers, present.
-    let (lo, hi) = unsafe {
-        (
-            reg::<u64>(SIGNAL_REG_GENERATION_LO).read_volatile(),
-            reg::<u64>(SIGNAL_REG_GENERATION_HI).read_volatile(),
-        )
-    };
-    (u128::from(hi) << 64) | u128::from(lo)
+    // The two halves are separate reads, and the VM can be snapshotted between them (then restored with a
+    // new ID): re-read until both halves come from the same generation, as with a seqlock.
+    loop {
+        // SAFETY: device registers, present.
+        let (hi, lo, hi_again) = unsafe {
+            (
+                reg::<u64>(SIGNAL_REG_GENERATION_HI).read_volatile(),
+                reg::<u64>(SIGNAL_REG_GENERATION_LO).read_volatile(),
+                reg::<u64>(SIGNAL_REG_GENERATION_HI).read_volatile(),
+            )
+        };
+        if hi == hi_again {
+            return (u128::from(hi) << 64) | u128::from(lo);
+        }
+    }
 }
 
 /// Waits without burning the host CPU: blocks in the VMM's guest-idle device until it has news (a restore,

@@ -456,11 +456,17 @@ pub fn wait_gone(pid: u32, api_socket: &Path, timeout: Duration) -> bool {
     }
     // Once it is known to be ours, wait on the process itself: an exiting process loses its command line
     // (its memory is torn down) before it stops running.
+    wait_stopped(pid, deadline.saturating_duration_since(Instant::now()))
+}
+
+/// Waits until `pid` no longer runs (gone or a zombie).
+fn wait_stopped(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
     while process_running(pid) {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     true
 }
@@ -475,7 +481,7 @@ pub fn kill_and_wait(pid: u32, api_socket: &Path) -> bool {
     };
     // SAFETY: kill with a pid we just verified is our VMM.
     unsafe { libc::kill(raw, libc::SIGKILL) };
-    wait_gone(pid, api_socket, Duration::from_secs(5))
+    wait_stopped(pid, Duration::from_secs(5))
 }
 
 /// Graceful stop: `vm.shutdown` (tolerated to fail when the VM is not running), then `vmm.shutdown`, then

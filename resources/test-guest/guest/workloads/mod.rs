@@ -8,6 +8,7 @@ mod blk;
 mod boot;
 mod console;
 mod fault;
+mod function;
 mod idle;
 mod net;
 mod pci;
@@ -114,6 +115,12 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_VSOCK,
         params: &["port", "mode", "bytes", "count"],
         run: vsock::run,
+    },
+    Workload {
+        name: "function",
+        id: crate::protocol::WORKLOAD_ID_FUNCTION,
+        params: &["seed", "heap", "port"],
+        run: function::run,
     },
 ];
 

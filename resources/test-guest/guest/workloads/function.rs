@@ -1,0 +1,368 @@
+//! `function seed=S heap=H port=P`: a function runtime that a warm pool serves invocations with.
+//!
+//! Builds an H MiB heap from the seed (like `serve`), prints `function: heap ..`, signals SERVE_HEAP and
+//! READY: the host takes the function's template here, before the guest touches the vsock device (virtio
+//! device state is not saved in templates). It then waits for the VM generation ID to change (a restore or
+//! a repurpose from the template), brings up the vsock device and serves connections on port P. Each request
+//! line `<n>\n` is answered `<seed> <checksum>\n`: the checksum sums [`READ_PAGES`] heap pages chosen from n
+//! (never written, so the host can recompute it from the seed), and [`WRITE_PAGES`] pages of the heap's
+//! scratch tail are written (the instance's private state). A later generation change re-initialises the
+//! device (a restore reset it) and keeps serving.
+
+use super::Context;
+use crate::cmdline::{self, Tokens};
+use crate::pattern;
+use crate::pci::VIRTIO_TYPE_VSOCK;
+use crate::protocol::*;
+use crate::serial::println;
+use crate::signal;
+use crate::virtio;
+use crate::virtio::vsock::*;
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+const MAX_CONNS: usize = 8;
+const BUF_ALLOC: u32 = 64 << 10;
+const LINE_MAX: usize = 32;
+/// Heap pages read per request.
+pub const READ_PAGES: u64 = 4;
+/// Pages of the scratch tail written per request.
+pub const WRITE_PAGES: u64 = 2;
+/// The heap's last pages: written by requests, never read by them.
+pub const SCRATCH_PAGES: u64 = 16;
+/// Answer buffers, one per transmit slot: the device completes chains in order, so a buffer is free
+/// again by the time its index comes round.
+const ANSWER_BUFS: u64 = TX_SLOTS as u64;
+const ANSWER_LEN: u64 = 64;
+/// Room left below the heap for the vsock driver's DMA arena (which starts at the image's end).
+const DMA_RESERVE: u64 = 4 * MIB;
+/// Busy polls after the last packet before waiting in the idle device between polls.
+const SPIN_POLLS: u64 = 1 << 16;
+
+/// The i-th heap page request `n` reads (of `pages` readable ones); the host recomputes it.
+pub fn page_of(n: u64, i: u64, pages: u64) -> u64 {
+    let mut z = n.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) % pages
+}
+
+#[derive(Clone, Copy, Default)]
+struct Conn {
+    live: bool,
+    local_port: u32,
+    peer_port: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    tx_cnt: u32,
+    fwd_cnt: u32,
+    line: [u8; LINE_MAX],
+    line_len: usize,
+}
+
+impl Conn {
+    fn header(&self, cid: u64, op: u16, len: u32, flags: u32) -> Header {
+        Header {
+            src_cid: cid,
+            dst_cid: HOST_CID,
+            src_port: self.local_port,
+            dst_port: self.peer_port,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: self.fwd_cnt,
+        }
+    }
+
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+struct Heap {
+    base: u64,
+    pages: u64,
+    seed: u64,
+}
+
+impl Heap {
+    /// Sums the request's pages and writes its scratch pages.
+    fn invoke(&self, n: u64) -> u64 {
+        let readable = self.pages - SCRATCH_PAGES;
+        let mut sum = 0u64;
+        for i in 0..READ_PAGES {
+            let page = self.base + page_of(n, i, readable) * PAGE;
+            for w in 0..PAGE / 8 {
+                // SAFETY: inside the heap (usable RAM above the DMA arena, identity-mapped, ours alone).
+                sum = sum.wrapping_add(unsafe { ((page + w * 8) as *const u64).read_volatile() });
+            }
+        }
+        for i in 0..WRITE_PAGES {
+            let page = self.base + (readable + (n + i) % SCRATCH_PAGES) * PAGE;
+            for w in 0..PAGE / 8 {
+                // SAFETY: as above (the scratch tail).
+                unsafe { ((page + w * 8) as *mut u64).write_volatile(n ^ w) };
+            }
+        }
+        sum
+    }
+}
+
+fn device_error(e: virtio::Error) -> u64 {
+    println!("function: error: {e}");
+    FAIL_DEVICE
+}
+
+pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
+    let param = |key, default| {
+        cmdline::param_u64(params.clone(), key, default).map_err(|e| {
+            println!("function: error: {e}");
+            FAIL_BAD_PARAMETER
+        })
+    };
+    let (seed, heap_mib, port) = (param("seed", 1)?, param("heap", 4)?, param("port", 5000)?);
+    // Read first, so that a template taken at any later point is seen as a clone.
+    let mut generation = signal::generation();
+    if heap_mib == 0 || heap_mib > 1024 || port > u64::from(u32::MAX) {
+        println!("function: error: need 1 <= heap <= 1024 (MiB) and port <= 4294967295");
+        return Err(FAIL_BAD_PARAMETER);
+    }
+    let Some((dev, func, _)) = virtio::find(VIRTIO_TYPE_VSOCK) else {
+        println!("function: error: no virtio-vsock device on PCI bus 0");
+        return Err(FAIL_NO_DEVICE);
+    };
+    let len = heap_mib * MIB;
+    let image_end = crate::image_range().1;
+    let Some(base) = ctx
+        .e820
+        .find_usable(image_end + DMA_RESERVE, len, GUEST_IDENTITY_MAP_END)
+    else {
+        println!("function: error: no {heap_mib} MiB of usable RAM for the heap");
+        return Err(FAIL_NO_MEMORY);
+    };
+    for i in 0..len / 8 {
+        // SAFETY: [base, base + len) is usable RAM above the DMA reserve, identity-mapped, ours alone.
+        unsafe { ((base + i * 8) as *mut u64).write_volatile(pattern::word(seed, base + i * 8)) };
+    }
+    let checksum = pattern::checksum(seed, base, len);
+    println!("function: heap mib={heap_mib} seed={seed} base={base:#x} checksum={checksum:#018x}");
+    signal::send(SIGNAL_SERVE_HEAP, base);
+    signal::send(SIGNAL_READY, WORKLOAD_ID_FUNCTION);
+    let heap = Heap {
+        base,
+        pages: len / PAGE,
+        seed,
+    };
+    if heap.pages <= SCRATCH_PAGES {
+        println!("function: error: heap too small");
+        return Err(FAIL_BAD_PARAMETER);
+    }
+    loop {
+        // A new generation: the device was reset with the restore (or was never started).
+        while signal::generation() == generation {
+            signal::idle();
+        }
+        generation = signal::generation();
+        let extra = ANSWER_BUFS * ANSWER_LEN;
+        let mut drv = Driver::open(dev, func, ctx.e820, extra).map_err(device_error)?;
+        println!(
+            "function: listening port={port} seed={seed} cid={}",
+            drv.cid
+        );
+        serve(&mut drv, &heap, port as u32, generation)?;
+    }
+}
+
+/// Serves until the generation changes.
+fn serve(drv: &mut Driver, heap: &Heap, port: u32, generation: u128) -> Result<(), u64> {
+    let cid = drv.cid;
+    let answers = drv
+        .alloc(ANSWER_BUFS * ANSWER_LEN, 64)
+        .map_err(device_error)?;
+    let mut next_answer = 0u64;
+    let mut conns = [Conn::default(); MAX_CONNS];
+    let mut quiet = 0u64;
+    loop {
+        drv.poll_tx(|_| {}).map_err(device_error)?;
+        if drv.poll_event().map_err(device_error)? == Some(EVENT_TRANSPORT_RESET) {
+            for c in conns.iter_mut() {
+                c.live = false;
+            }
+        }
+        let mut progress = false;
+        while let Some(pkt) = drv.poll_rx().map_err(device_error)? {
+            progress = true;
+            let h = pkt.header;
+            if h.dst_cid != cid || h.src_cid != HOST_CID || h.kind != TYPE_STREAM {
+                drv.release(pkt.buf);
+                continue;
+            }
+            let found = conns
+                .iter()
+                .position(|c| c.live && c.local_port == h.dst_port && c.peer_port == h.src_port);
+            let Some(i) = found else {
+                drv.release(pkt.buf);
+                let free = conns.iter().position(|c| !c.live);
+                if let (OP_REQUEST, true, Some(i)) = (h.op, h.dst_port == port, free) {
+                    conns[i] = Conn {
+                        live: true,
+                        local_port: port,
+                        peer_port: h.src_port,
+                        peer_buf_alloc: h.buf_alloc,
+                        peer_fwd_cnt: h.fwd_cnt,
+                        ..Default::default()
+                    };
+                    let r = conns[i].header(cid, OP_RESPONSE, 0, 0);
+                    drv.send(&r, None, NO_TAG).map_err(device_error)?;
+                } else if h.op != OP_RST {
+                    let r = Header {
+                        src_cid: h.dst_cid,
+                        dst_cid: h.src_cid,
+                        src_port: h.dst_port,
+                        dst_port: h.src_port,
+                        kind: TYPE_STREAM,
+                        op: OP_RST,
+                        buf_alloc: BUF_ALLOC,
+                        ..Default::default()
+                    };
+                    drv.send(&r, None, NO_TAG).map_err(device_error)?;
+                }
+                continue;
+            };
+            let c = &mut conns[i];
+            c.peer_buf_alloc = h.buf_alloc;
+            c.peer_fwd_cnt = h.fwd_cnt;
+            match h.op {
+                OP_RW => {
+                    // SAFETY: the payload inside its receive buffer, ours until released.
+                    let data = unsafe { virtio::dma_slice(pkt.data, h.len as usize) };
+                    // Consumed at once: the whole payload is handled before the buffer goes back.
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add(h.len);
+                    for &b in data.iter() {
+                        if b != b'\n' {
+                            if c.line_len < LINE_MAX {
+                                c.line[c.line_len] = b;
+                            }
+                            c.line_len += 1;
+                            continue;
+                        }
+                        let n = parse_line(&c.line[..c.line_len.min(LINE_MAX)], c.line_len);
+                        c.line_len = 0;
+                        let at = answers + (next_answer % ANSWER_BUFS) * ANSWER_LEN;
+                        next_answer += 1;
+                        let mut out = Writer { at, len: 0 };
+                        match n {
+                            Some(n) => {
+                                let sum = heap.invoke(n);
+                                out.num(heap.seed);
+                                out.byte(b' ');
+                                out.hex(sum);
+                            }
+                            None => {
+                                out.num(heap.seed);
+                                out.bytes(b" error");
+                            }
+                        }
+                        out.byte(b'\n');
+                        let len = out.len as u32;
+                        // Answers are tiny; a host that grants no credit for one loses it.
+                        if c.credit() >= len {
+                            let hdr = c.header(cid, OP_RW, len, 0);
+                            if drv
+                                .send(&hdr, Some((at, len)), NO_TAG)
+                                .map_err(device_error)?
+                            {
+                                c.tx_cnt = c.tx_cnt.wrapping_add(len);
+                            }
+                        }
+                    }
+                }
+                OP_CREDIT_REQUEST => {
+                    let u = c.header(cid, OP_CREDIT_UPDATE, 0, 0);
+                    drv.send(&u, None, NO_TAG).map_err(device_error)?;
+                }
+                OP_SHUTDOWN => {
+                    // The host is done: close our side; its RST ends the connection.
+                    let s = c.header(cid, OP_SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                    drv.send(&s, None, NO_TAG).map_err(device_error)?;
+                }
+                OP_RST => c.live = false,
+                _ => {}
+            }
+            drv.release(pkt.buf);
+        }
+        drv.flush();
+        if progress {
+            quiet = 0;
+            continue;
+        }
+        quiet += 1;
+        if quiet >= SPIN_POLLS {
+            // Long quiet: wait in the idle device (up to ~10 ms) between polls, and look for a restore.
+            if signal::generation() != generation {
+                return Ok(());
+            }
+            signal::idle();
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// `n` in decimal (surrounding spaces and a trailing `\r` allowed); None if malformed or too long.
+fn parse_line(line: &[u8], len: usize) -> Option<u64> {
+    if len > LINE_MAX {
+        return None;
+    }
+    let s = core::str::from_utf8(line).ok()?.trim();
+    s.parse().ok()
+}
+
+/// Formats an answer into DMA memory.
+struct Writer {
+    at: u64,
+    len: u64,
+}
+
+impl Writer {
+    fn byte(&mut self, b: u8) {
+        if self.len < ANSWER_LEN {
+            // SAFETY: inside this answer's ANSWER_LEN bytes of DMA memory.
+            unsafe { ((self.at + self.len) as *mut u8).write_volatile(b) };
+            self.len += 1;
+        }
+    }
+
+    fn bytes(&mut self, s: &[u8]) {
+        for &b in s {
+            self.byte(b);
+        }
+    }
+
+    fn num(&mut self, mut v: u64) {
+        let mut digits = [0u8; 20];
+        let mut n = 0;
+        loop {
+            digits[n] = b'0' + (v % 10) as u8;
+            n += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for i in (0..n).rev() {
+            self.byte(digits[i]);
+        }
+    }
+
+    fn hex(&mut self, v: u64) {
+        self.bytes(b"0x");
+        for i in (0..16).rev() {
+            let d = ((v >> (i * 4)) & 0xf) as u8;
+            self.byte(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+        }
+    }
+}
