@@ -13,10 +13,10 @@ use devices::virtio::chain::parse_chain;
 use devices::virtio::worker::{QueueHandler, Worker};
 use devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1,
 };
 use devices::warn_ratelimited;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 
 use crate::mapping::PmemBacking;
 use crate::TYPE_PMEM;
@@ -132,7 +132,12 @@ pub(crate) struct PmemHandler {
 
 impl PmemHandler {
     /// Serves one request; returns the bytes written into the chain (4 with a response, 0 without).
-    fn serve<M>(&self, chain: DescriptorChain<M>) -> u32
+    fn serve<M>(
+        mem: &GuestMemory,
+        backing: &PmemBacking,
+        counters: &PmemCounters,
+        chain: DescriptorChain<M>,
+    ) -> u32
     where
         M: std::ops::Deref,
         M::Target: vm_memory::GuestMemory,
@@ -140,41 +145,41 @@ impl PmemHandler {
         let parsed = match parse_chain(chain) {
             Ok(p) => p,
             Err(e) => {
-                self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                counters.bad_requests.fetch_add(1, Ordering::Relaxed);
                 warn_ratelimited!("virtio-pmem: request dropped: {e}");
                 return 0;
             }
         };
-        if let Err(e) = parsed.check_memory(&self.mem) {
-            self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = parsed.check_memory(mem) {
+            counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             warn_ratelimited!("virtio-pmem: request dropped: {e}");
             return 0;
         }
         // §5.19.6: the response needs 4 device-writable bytes; without them there is nowhere to answer.
         if parsed.writable_len() < 4 {
-            self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            counters.bad_requests.fetch_add(1, Ordering::Relaxed);
             warn_ratelimited!("virtio-pmem: request without room for a response: dropped");
             return 0;
         }
         let mut kind = [0u8; 4];
-        let ret = match parsed.read_at(&self.mem, 0, &mut kind) {
+        let ret = match parsed.read_at(mem, 0, &mut kind) {
             Ok(()) if u32::from_le_bytes(kind) == REQ_TYPE_FLUSH => {
-                self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-                match self.backing.flush() {
+                counters.flushes.fetch_add(1, Ordering::Relaxed);
+                match backing.flush() {
                     Ok(()) => RESP_OK,
                     Err(e) => {
-                        self.counters.flush_errors.fetch_add(1, Ordering::Relaxed);
+                        counters.flush_errors.fetch_add(1, Ordering::Relaxed);
                         warn_ratelimited!(
                             "virtio-pmem {}: flush of {} failed: {e}",
-                            self.backing.id(),
-                            self.backing.path().display()
+                            backing.id(),
+                            backing.path().display()
                         );
                         RESP_EIO
                     }
                 }
             }
             Ok(()) => {
-                self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                counters.bad_requests.fetch_add(1, Ordering::Relaxed);
                 warn_ratelimited!(
                     "virtio-pmem: unknown request type {}",
                     u32::from_le_bytes(kind)
@@ -182,12 +187,12 @@ impl PmemHandler {
                 RESP_EIO
             }
             Err(e) => {
-                self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                counters.bad_requests.fetch_add(1, Ordering::Relaxed);
                 warn_ratelimited!("virtio-pmem: unreadable request: {e}");
                 RESP_EIO
             }
         };
-        match parsed.write_at(&self.mem, 0, &ret.to_le_bytes()) {
+        match parsed.write_at(mem, 0, &ret.to_le_bytes()) {
             Ok(()) => 4,
             Err(e) => {
                 warn_ratelimited!("virtio-pmem: cannot write the response: {e}");
@@ -199,35 +204,21 @@ impl PmemHandler {
 
 impl QueueHandler for PmemHandler {
     fn handle_queue(&mut self, _index: usize) -> Result<(), String> {
-        let mut completed = 0u32;
-        loop {
-            let chain = match self.queue.iter(&self.mem) {
-                Ok(mut chains) => chains.next(),
-                Err(e) => return Err(format!("available ring: {e}")),
-            };
-            let Some(chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = self.serve(chain);
-            if head >= self.queue.size() {
-                warn_ratelimited!("virtio-pmem: available ring names descriptor {head}: dropped");
-                continue;
-            }
-            self.queue
-                .add_used(&self.mem, head, len)
-                .map_err(|e| format!("used ring: {e}"))?;
-            completed += 1;
-        }
-        if completed > 0
-            && self
-                .queue
-                .needs_notification(&self.mem)
-                .map_err(|e| format!("used ring: {e}"))?
-        {
-            self.interrupt.trigger(VirtioInterruptType::Queue(0));
-        }
-        Ok(())
+        let PmemHandler {
+            mem,
+            queue,
+            backing,
+            counters,
+            interrupt,
+        } = self;
+        devices::virtio::serve_available(
+            queue,
+            mem,
+            interrupt.as_ref(),
+            0,
+            "virtio-pmem",
+            |chain| Self::serve(mem, backing, counters, chain),
+        )
     }
 }
 
@@ -235,7 +226,9 @@ impl QueueHandler for PmemHandler {
 mod tests {
     use super::*;
     use crate::mapping::tests::{spec, TempDir};
+    use devices::virtio::VirtioInterruptType;
     use std::sync::Mutex;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     const DESC: u64 = 0x1000;

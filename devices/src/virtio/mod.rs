@@ -163,3 +163,48 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 #[cfg(test)]
 pub(crate) mod test_util;
+
+/// Serves every chain the driver has made available on a request/response queue: `serve` handles one chain
+/// and returns how many bytes it wrote into it; each chain is returned in the used ring and the driver is
+/// interrupted once (if it wants to be). An error means the ring itself is unusable (the caller sets
+/// DEVICE_NEEDS_RESET); a bad chain is the `serve` function's to fail.
+pub fn serve_available(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    interrupt: &dyn VirtioInterrupt,
+    queue_index: u16,
+    device: &str,
+    mut serve: impl FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+) -> Result<(), String> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let mut completed = 0u32;
+    loop {
+        let chain = match queue.iter(mem) {
+            Ok(mut chains) => chains.next(),
+            // The available index ran more than a queue ahead: the ring is garbage.
+            Err(e) => return Err(format!("available ring: {e}")),
+        };
+        let Some(chain) = chain else {
+            break;
+        };
+        let head = chain.head_index();
+        let used_len = serve(chain);
+        if head >= queue.size() {
+            // Not a descriptor of this queue: nothing to give back.
+            crate::warn_ratelimited!("{device}: available ring names descriptor {head}: dropped");
+            continue;
+        }
+        queue
+            .add_used(mem, head, used_len)
+            .map_err(|e| format!("used ring: {e}"))?;
+        completed += 1;
+    }
+    if completed > 0
+        && queue
+            .needs_notification(mem)
+            .map_err(|e| format!("used ring: {e}"))?
+    {
+        interrupt.trigger(VirtioInterruptType::Queue(queue_index));
+    }
+    Ok(())
+}

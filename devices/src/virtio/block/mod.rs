@@ -11,14 +11,13 @@ use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 
 use crate::virtio::worker::{QueueHandler, Worker};
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
-use crate::warn_ratelimited;
 
 pub use request::{RequestError, MAX_REQUEST_BYTES, SECTOR_SIZE};
 
@@ -249,37 +248,16 @@ pub(crate) struct BlockHandler {
 
 impl QueueHandler for BlockHandler {
     fn handle_queue(&mut self, _index: usize) -> Result<(), String> {
-        let mut completed = 0u32;
-        loop {
-            let chain = match self.queue.iter(&self.mem) {
-                Ok(mut chains) => chains.next(),
-                // The available index ran more than a queue ahead: the ring is garbage.
-                Err(e) => return Err(format!("available ring: {e}")),
-            };
-            let Some(chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            let used_len = request::process(&mut self.disk, &self.mem, chain);
-            if head >= self.queue.size() {
-                // Not a descriptor of this queue: nothing to give back.
-                warn_ratelimited!("virtio-blk: available ring names descriptor {head}: dropped");
-                continue;
-            }
-            self.queue
-                .add_used(&self.mem, head, used_len)
-                .map_err(|e| format!("used ring: {e}"))?;
-            completed += 1;
-        }
-        if completed > 0
-            && self
-                .queue
-                .needs_notification(&self.mem)
-                .map_err(|e| format!("used ring: {e}"))?
-        {
-            self.interrupt.trigger(VirtioInterruptType::Queue(0));
-        }
-        Ok(())
+        let BlockHandler {
+            mem,
+            queue,
+            disk,
+            interrupt,
+            ..
+        } = self;
+        crate::virtio::serve_available(queue, mem, interrupt.as_ref(), 0, "virtio-blk", |chain| {
+            request::process(disk, mem, chain)
+        })
     }
 }
 

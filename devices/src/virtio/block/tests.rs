@@ -10,6 +10,7 @@ use crate::virtio::test_util::{
     write_descs, Desc, RecordingInterrupt, TempDir, TestQueue, DESC_TABLE, F_INDIRECT, F_NEXT,
     F_WRITE, MEM_SIZE,
 };
+use crate::virtio::VirtioInterruptType;
 
 const DISK_SECTORS: u64 = 64;
 const HDR: u64 = 0x8000;

@@ -5,13 +5,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 
 use crate::virtio::chain::parse_chain;
 use crate::virtio::worker::{QueueHandler, Worker};
 use crate::virtio::{
-    ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, TYPE_RNG, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
 };
 use crate::warn_ratelimited;
 
@@ -149,35 +149,16 @@ where
 
 impl QueueHandler for RngHandler {
     fn handle_queue(&mut self, _index: usize) -> Result<(), String> {
-        let mut completed = 0u32;
-        loop {
-            let chain = match self.queue.iter(&self.mem) {
-                Ok(mut chains) => chains.next(),
-                Err(e) => return Err(format!("available ring: {e}")),
-            };
-            let Some(chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = fill(&self.mem, &mut self.source, chain);
-            if head >= self.queue.size() {
-                warn_ratelimited!("virtio-rng: available ring names descriptor {head}: dropped");
-                continue;
-            }
-            self.queue
-                .add_used(&self.mem, head, len)
-                .map_err(|e| format!("used ring: {e}"))?;
-            completed += 1;
-        }
-        if completed > 0
-            && self
-                .queue
-                .needs_notification(&self.mem)
-                .map_err(|e| format!("used ring: {e}"))?
-        {
-            self.interrupt.trigger(VirtioInterruptType::Queue(0));
-        }
-        Ok(())
+        let RngHandler {
+            mem,
+            queue,
+            source,
+            interrupt,
+            ..
+        } = self;
+        crate::virtio::serve_available(queue, mem, interrupt.as_ref(), 0, "virtio-rng", |chain| {
+            fill(mem, source, chain)
+        })
     }
 }
 
@@ -185,6 +166,7 @@ impl QueueHandler for RngHandler {
 mod tests {
     use super::*;
     use crate::virtio::test_util::{Desc, RecordingInterrupt, TempDir, TestQueue, F_NEXT, F_WRITE};
+    use crate::virtio::VirtioInterruptType;
     use vm_memory::{Bytes, GuestAddress};
 
     fn handler(tq: TestQueue, source: &Path) -> (RngHandler, Arc<RecordingInterrupt>) {
