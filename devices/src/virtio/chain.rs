@@ -47,6 +47,27 @@ pub struct ParsedChain {
     pub writable: Vec<Segment>,
 }
 
+/// `parse_chain` plus the memory check, for devices that drop (and log, rate-limited, as `device`) any
+/// buffer that fails either: None for such a chain.
+pub fn parse_checked<M>(
+    mem: &GuestMemory,
+    chain: DescriptorChain<M>,
+    device: &str,
+) -> Option<ParsedChain>
+where
+    M: Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let result = parse_chain(chain).and_then(|parsed| parsed.check_memory(mem).map(|()| parsed));
+    match result {
+        Ok(parsed) => Some(parsed),
+        Err(e) => {
+            crate::warn_ratelimited!("{device}: buffer dropped: {e}");
+            None
+        }
+    }
+}
+
 /// Walks `chain` and checks its structure (not yet its buffers' addresses).
 pub fn parse_chain<M>(chain: DescriptorChain<M>) -> Result<ParsedChain, ChainError>
 where

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio::chain::{parse_chain, ParsedChain};
+use crate::virtio::chain::{parse_checked, ParsedChain};
 use crate::virtio::worker::{QueueHandler, Worker};
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
@@ -207,18 +207,7 @@ where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
 {
-    let parsed = match parse_chain(chain) {
-        Ok(p) => p,
-        Err(e) => {
-            warn_ratelimited!("virtio-console: buffer dropped: {e}");
-            return None;
-        }
-    };
-    if let Err(e) = parsed.check_memory(mem) {
-        warn_ratelimited!("virtio-console: buffer dropped: {e}");
-        return None;
-    }
-    Some(parsed)
+    parse_checked(mem, chain, "virtio-console")
 }
 
 impl ConsoleHandler {

@@ -21,7 +21,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio::chain::{parse_chain, ParsedChain};
+use crate::virtio::chain::{parse_checked, ParsedChain};
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
     VirtioInterruptType, TYPE_NET, VIRTIO_F_VERSION_1,
@@ -181,24 +181,13 @@ pub(crate) struct NetHandler {
     tx_buf: Vec<u8>,
 }
 
-/// A chain that passed structural and memory checks, or None (logged).
+/// A chain that passed structural and memory checks, or None (logged) for garbage.
 fn checked<M>(mem: &GuestMemory, chain: DescriptorChain<M>) -> Option<ParsedChain>
 where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
 {
-    let parsed = match parse_chain(chain) {
-        Ok(p) => p,
-        Err(e) => {
-            warn_ratelimited!("virtio-net: buffer dropped: {e}");
-            return None;
-        }
-    };
-    if let Err(e) = parsed.check_memory(mem) {
-        warn_ratelimited!("virtio-net: buffer dropped: {e}");
-        return None;
-    }
-    Some(parsed)
+    parse_checked(mem, chain, "virtio-net")
 }
 
 impl NetHandler {
