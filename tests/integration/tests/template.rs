@@ -10,20 +10,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use api::client::ApiClient;
-use integration::{require_kvm, test_guest_path, VmmProcess, GUEST_CONSOLE};
+use integration::{field, make_serve_template, require_kvm, ServeTemplate, VmmProcess};
 
 const TRENV: &str = env!("CARGO_BIN_EXE_trenv");
-const HEAP_MIB: u64 = 16;
 const SEED: u64 = 9;
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Template {
-    dir: PathBuf,
-    /// The heap checksum the guest printed when it built the heap.
-    checksum: String,
-    /// The heap's base address (from the guest's heap line).
-    base: u64,
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("trenv-template-{name}-{}", std::process::id()));
@@ -32,76 +23,13 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-}
-
-/// Boots `serve`, waits for its heap, pauses and snapshots it through the API, then stops that VMM.
-fn make_template(dir: &Path) -> Template {
-    let socket = dir.join("api.sock");
-    let cmdline = format!("{GUEST_CONSOLE} serve heap={HEAP_MIB} seed={SEED} dirty=1");
-    let mut vmm = VmmProcess::spawn(
-        TRENV,
-        &[
-            "--api-socket",
-            socket.to_str().unwrap(),
-            "--kernel",
-            test_guest_path(),
-            "--cmdline",
-            &cmdline,
-            "--memory",
-            "size=128M",
-            "--serial",
-            "tty",
-        ],
-    );
-    let heap_line = vmm
-        .wait_for_line(TIMEOUT, |l| l.starts_with("serve: heap"))
-        .unwrap_or_else(|| panic!("no heap line: {}\n{}", vmm.stdout(), vmm.stderr()));
-    let client = ApiClient::new(&socket);
-    client.wait_until_ready(TIMEOUT).unwrap();
-    // READY follows the heap line immediately; the snapshot may land anywhere in the wait loop after it.
-    std::thread::sleep(Duration::from_millis(50));
-    let (status, body) = client
-        .request(
-            "PUT",
-            "vm.snapshot",
-            Some(&snapshot_body(&dir.join("x"))),
-            &[],
-        )
-        .unwrap();
-    assert_eq!(
-        status, 500,
-        "snapshot of a running VM must be refused: {body}"
-    );
-    let (status, body) = client.request("PUT", "vm.pause", None, &[]).unwrap();
-    assert_eq!(status, 204, "{body}");
-    let template = dir.join("template");
-    let (status, body) = client
-        .request("PUT", "vm.snapshot", Some(&snapshot_body(&template)), &[])
-        .unwrap();
-    assert_eq!(status, 204, "{body}");
-    let _ = client.request("PUT", "vmm.shutdown", None, &[]);
-    vmm.wait_exit(TIMEOUT).expect("VMM did not exit");
-    Template {
-        dir: template,
-        checksum: field(&heap_line, "checksum").to_string(),
-        base: u64::from_str_radix(field(&heap_line, "base").trim_start_matches("0x"), 16).unwrap(),
-    }
-}
-
-fn snapshot_body(dir: &Path) -> String {
-    serde_json::json!({ "destination_url": format!("file://{}", dir.display()) }).to_string()
-}
-
-/// One template shared by the tests of this file (they only read it).
-fn template() -> &'static Template {
-    static TEMPLATE: OnceLock<Template> = OnceLock::new();
+/// One template shared by the tests of this file (they only read it). (A snapshot of a running VM being
+/// refused is covered by api_bad_input.rs.)
+fn template() -> &'static ServeTemplate {
+    static TEMPLATE: OnceLock<ServeTemplate> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         require_kvm();
-        make_template(&scratch("shared"))
+        make_serve_template(TRENV, &scratch("shared"), "template", SEED, "128M")
     })
 }
 
@@ -149,7 +77,7 @@ fn md5_like(bytes: &[u8]) -> u64 {
     })
 }
 
-fn check_restored(line: &str, template: &Template) -> String {
+fn check_restored(line: &str, template: &ServeTemplate) -> String {
     assert_eq!(field(line, "heap"), "ok", "{line}");
     assert_eq!(field(line, "checksum"), template.checksum, "{line}");
     // The first heap word as the template holds it: the seeded pattern, never another instance's write.
