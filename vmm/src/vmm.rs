@@ -187,23 +187,34 @@ impl Vmm {
         };
         let t0 = event_monitor::monotonic_ns();
         match vm.repurpose(&dir, &options) {
-            Ok(()) => {
+            Ok(phases) => {
                 self.config = Some(vm.config().clone());
                 self.state = VmState::Paused;
                 if req.resume {
                     if let Err(e) = vm.resume() {
                         return vm_error("resume the repurposed", &e);
                     }
-                    log::debug!("repurpose: resumed");
                     self.state = VmState::Running;
                 }
-                let us = (event_monitor::monotonic_ns() - t0) / 1000;
+                let resumed = event_monitor::monotonic_ns();
+                let us = (resumed - t0) / 1000;
+                let phase_sum = phases.check_us
+                    + phases.pause_us
+                    + phases.map_us
+                    + phases.devices_us
+                    + phases.state_us;
                 event_monitor::emit(
                     "vm",
                     "repurposed",
                     &[
                         ("template", dir.display().to_string()),
                         ("us", us.to_string()),
+                        ("check_us", phases.check_us.to_string()),
+                        ("pause_us", phases.pause_us.to_string()),
+                        ("map_us", phases.map_us.to_string()),
+                        ("devices_us", phases.devices_us.to_string()),
+                        ("state_us", phases.state_us.to_string()),
+                        ("resume_us", us.saturating_sub(phase_sum).to_string()),
                     ],
                 );
                 ApiResponse::Json(serde_json::json!({"in_place": true, "duration_us": us}))

@@ -67,6 +67,37 @@ fn make_template(
     Ok(dir)
 }
 
+/// Per-phase durations (ms) of every in-place repurpose the VMM reported in its `repurposed` events.
+fn phase_samples(path: &std::path::Path) -> Vec<(&'static str, Vec<f64>)> {
+    const PHASES: [&str; 7] = [
+        "us",
+        "check_us",
+        "pause_us",
+        "map_us",
+        "devices_us",
+        "state_us",
+        "resume_us",
+    ];
+    let mut out: Vec<(&'static str, Vec<f64>)> = PHASES.iter().map(|p| (*p, vec![])).collect();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["source"] != "vm" || v["event"] != "repurposed" {
+            continue;
+        }
+        for (name, samples) in &mut out {
+            if let Some(us) = v["properties"][*name]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+            {
+                samples.push(us / 1e3);
+            }
+        }
+    }
+    out
+}
+
 /// Number of `event` records from the guest in the file so far.
 fn count(path: &std::path::Path, event: &str) -> usize {
     std::fs::read_to_string(path)
@@ -165,6 +196,7 @@ pub fn run(rounds: usize, mem_mib: u64) -> Result<serde_json::Value, String> {
     let _ = child.kill();
     let _ = child.wait();
     result?;
+    let phases = phase_samples(&events);
 
     let mut out = json!({
         "bench": "repurpose",
@@ -180,5 +212,15 @@ pub fn run(rounds: usize, mem_mib: u64) -> Result<serde_json::Value, String> {
     map.extend(summary("repurpose_to_running_", &mut running_ms));
     map.extend(summary("fresh_restore_", &mut restore_ms));
     map.extend(summary("repurpose_parked_", &mut parked_ms));
+    // Where the time goes, per phase, over every in-place repurpose of the run (warm and parked).
+    let mut breakdown = serde_json::Map::new();
+    for (name, mut samples) in phases {
+        let name = match name.trim_end_matches("us") {
+            "" => "in_vmm_total_".to_string(),
+            phase => phase.to_string(),
+        };
+        breakdown.extend(summary(&name, &mut samples));
+    }
+    map.insert("phases_ms".into(), breakdown.into());
     Ok(out)
 }
