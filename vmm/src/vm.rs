@@ -75,8 +75,13 @@ pub enum VmError {
     KickHandler(#[source] vmm_sys_util::errno::Error),
     #[error("the VM has no kernel to boot")]
     NoKernel,
+    /// A vCPU thread hit an error it could not recover from; the VM cannot run on.
     #[error("{0}")]
     VcpuFailed(String),
+    #[error("the vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    #[error("the VM is parked (its memory was dropped): repurpose it to a template first")]
+    Parked,
     #[error("{0}")]
     GuestMemory(String),
     #[error("snapshot/restore")]
@@ -388,12 +393,14 @@ impl Vm {
     pub fn pause(&mut self) -> Result<()> {
         self.shared.control.set_request(RunRequest::Pause);
         self.devices.idle_waker.wake();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        if !self.shared.control.wait_parked(&self.threads, deadline) {
+        const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+        if !self
+            .shared
+            .control
+            .wait_parked(&self.threads, Instant::now() + PAUSE_TIMEOUT)
+        {
             self.shared.control.set_request(RunRequest::Run);
-            return Err(VmError::VcpuFailed(
-                "vCPUs did not pause within 2 s".to_string(),
-            ));
+            return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
         }
         match self.vm_fd.get_clock() {
             Ok(clock) => self.paused_clock = Some(clock),
@@ -410,10 +417,7 @@ impl Vm {
     /// Lets paused vCPU threads run again (or starts them, for a VM restored paused).
     pub fn resume(&mut self) -> Result<()> {
         if self.parked {
-            return Err(VmError::VcpuFailed(
-                "the VM is parked (its memory was dropped): repurpose it to a template first"
-                    .into(),
-            ));
+            return Err(VmError::Parked);
         }
         self.paused_state = None;
         if self.threads.is_empty() {
