@@ -83,6 +83,10 @@ struct Cli {
     /// Log to this file instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// The VMM's seccomp filter: true (blocked syscalls stop the VMM), log (allowed, logged by the
+    /// kernel) or false (no filter).
+    #[arg(long, value_name = "MODE", default_value = "true")]
+    seccomp: String,
     /// Print the version (and the Cloud Hypervisor API level implemented).
     #[arg(short = 'V', long)]
     version: bool,
@@ -143,6 +147,9 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
     if let Some(Command::Demo { memory }) = &cli.command {
         return crate::demo::run(memory, start_ns);
     }
+    // Before any VM, API or device thread exists: every thread the VMM starts runs under the filter.
+    let seccomp = crate::seccomp::parse_mode(&cli.seccomp).map_err(|e| e.to_string())?;
+    crate::seccomp::install(seccomp).map_err(|e| e.to_string())?;
     let restore = cli
         .restore
         .as_deref()

@@ -17,6 +17,7 @@ pub mod pci_devices;
 pub mod pool;
 pub mod remote;
 pub mod runner;
+pub mod seccomp;
 pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
