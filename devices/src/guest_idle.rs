@@ -2,8 +2,8 @@
 //!
 //! On hosts where guests run their workloads at CPL3 (this project's software hypervisor, see
 //! HOST-FACTS), `hlt` faults, so an idle guest would spin. A read of this device's register blocks the
-//! reading vCPU in the VMM until the VMM has news for the guest (it was restored from a template, or it is
-//! being paused or stopped) or a short timeout passes. Guests that can halt (Linux) never need it.
+//! reading vCPU in the VMM until the VMM has news for the guest (it was restored from a template, it is
+//! being paused or stopped, a device raised an interrupt) or a short timeout passes. Guests that can halt (Linux) never need it.
 //!
 //! MMIO at `0xfe00_2000`, 4 KiB: a read of any width at offset 0 waits up to [`MAX_WAIT`] and returns 1 when
 //! woken, 0 on timeout; other offsets read 0; writes are ignored.

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::virtio::chain::parse_chain;
-use devices::virtio::worker::{QueueHandler, Worker};
+use devices::virtio::worker::{pause_worker, resume_worker, saved_queues, QueueHandler, Worker};
 use devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    check_common_state, read_config_bytes, ActivateContext, ActivateError, GuestMemory,
+    SnapshotError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 use devices::warn_ratelimited;
 use virtio_queue::{DescriptorChain, Queue};
@@ -41,6 +41,7 @@ pub struct Pmem {
     config: [u8; CONFIG_SIZE],
     counters: Arc<PmemCounters>,
     queue_sizes: [u16; 1],
+    acked_features: u64,
     worker: Option<Worker>,
 }
 
@@ -56,6 +57,7 @@ impl Pmem {
             config,
             counters: Arc::default(),
             queue_sizes: [QUEUE_SIZE],
+            acked_features: 0,
             worker: None,
         }
     }
@@ -84,7 +86,9 @@ impl VirtioDevice for Pmem {
         1 << VIRTIO_F_VERSION_1
     }
 
-    fn ack_features(&mut self, _features: u64) {}
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
@@ -115,10 +119,45 @@ impl VirtioDevice for Pmem {
         if let Some(mut worker) = self.worker.take() {
             worker.stop();
         }
+        self.acked_features = 0;
     }
 
     fn name(&self) -> &'static str {
         "virtio-pmem"
+    }
+
+    fn pause(&mut self) -> Result<(), SnapshotError> {
+        let name = self.name();
+        pause_worker(&mut self.worker, name)
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        resume_worker(&mut self.worker)
+    }
+
+    /// Device bytes: the configuration (`le64 start; le64 size`) the guest mapped; the file's pages are
+    /// the host's, not the guest's, and stay out of snapshots.
+    fn state(&self) -> Result<VirtioDeviceState, SnapshotError> {
+        let name = self.name();
+        Ok(VirtioDeviceState {
+            acked_features: self.acked_features,
+            queues: saved_queues(&self.worker, name)?,
+            device: self.config.to_vec(),
+        })
+    }
+
+    /// The guest has the saved range mapped: a device at another address or of another size is refused.
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        check_common_state(self.name(), self.features(), state, Some(&self.config))
+    }
+
+    fn set_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        if self.worker.is_some() {
+            return Err(SnapshotError::Active(self.name()));
+        }
+        self.check_state(state)?;
+        self.acked_features = state.acked_features;
+        Ok(())
     }
 }
 
@@ -219,6 +258,10 @@ impl QueueHandler for PmemHandler {
             "virtio-pmem",
             |chain| Self::serve(mem, backing, counters, chain),
         )
+    }
+
+    fn queues(&self) -> Vec<&Queue> {
+        vec![&self.queue]
     }
 }
 
@@ -336,7 +379,18 @@ mod tests {
         let mut past = [0xffu8; 4];
         dev.read_config(16, &mut past);
         assert_eq!(past, [0; 4]);
-        assert!(dev.state().is_err(), "no snapshot support: fails loudly");
+        let state = dev.state().unwrap();
+        assert_eq!(
+            state.device,
+            cfg.to_vec(),
+            "the range is the device's state"
+        );
+        dev.check_state(&state).unwrap();
+        let other = Pmem::new(dev.backing().clone(), 65 << 30);
+        assert!(
+            other.check_state(&state).is_err(),
+            "a device at another address is refused"
+        );
     }
 
     #[test]

@@ -51,8 +51,11 @@ struct Cli {
     #[arg(long, value_name = "MODE")]
     serial: Option<String>,
     /// Restore from a template instead of booting: source_url=file:///DIR[,memory_restore_mode=cow|copy|ondemand]
-    /// [,prefault=on][,resume=on]. The VM stays paused unless resume=on.
-    #[arg(long, value_name = "OPTIONS", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
+    /// [,prefault=on][,resume=on]. The VM stays paused unless resume=on. The template fixes the VM's
+    /// devices; only --serial (replaced) and --vsock (the same cid and id: its host socket moves) apply.
+    #[arg(long, value_name = "OPTIONS", conflicts_with_all = [
+        "kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "pmem", "rng", "console", "net",
+    ])]
     restore: Option<String>,
     /// A virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID][,queue_size=N] (repeatable).
     #[arg(long, value_name = "OPTIONS")]
@@ -153,7 +156,7 @@ fn run(cli: Cli, start_ns: u64) -> Result<(), String> {
     let restore = cli
         .restore
         .as_deref()
-        .map(|raw| restore_from_cli(raw, cli.serial.as_deref()))
+        .map(|raw| restore_from_cli(raw, cli.serial.as_deref(), cli.vsock.as_deref()))
         .transpose()
         .map_err(|e| e.to_string())?;
     let config = match (&cli.kernel, &cli.api_socket, &restore) {
@@ -303,10 +306,12 @@ fn parse_rng(raw: &str) -> Result<api::models::RngConfig, config::ConfigError> {
     }
 }
 
-/// `--restore source_url=..,memory_restore_mode=..,prefault=on,resume=on`.
+/// `--restore source_url=..,memory_restore_mode=..,prefault=on,resume=on`, with the `--serial` and
+/// `--vsock` overrides given beside it.
 fn restore_from_cli(
     raw: &str,
     serial: Option<&str>,
+    vsock: Option<&str>,
 ) -> Result<(PathBuf, crate::snapshot::RestoreOptions, bool), config::ConfigError> {
     let p = config::OptionParser::parse(
         "--restore",
@@ -333,6 +338,7 @@ fn restore_from_cli(
         mode,
         serial,
         prefault: p.bool("prefault")?.unwrap_or(false),
+        vsock: vsock.map(parse_vsock).transpose()?,
     };
     Ok((dir, options, p.bool("resume")?.unwrap_or(false)))
 }
@@ -390,6 +396,49 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
         Err(message) => {
             eprintln!("trenv: error: {message}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_takes_serial_and_vsock_overrides() {
+        let (dir, options, resume) = restore_from_cli(
+            "source_url=file:///t/a,resume=on",
+            Some("file=/tmp/out"),
+            Some("cid=3,socket=/run/s/vsock.sock"),
+        )
+        .unwrap();
+        assert_eq!(dir, PathBuf::from("/t/a"));
+        assert!(resume);
+        assert_eq!(options.serial.unwrap().mode, ConsoleMode::File);
+        let vsock = options.vsock.unwrap();
+        assert_eq!((vsock.cid, vsock.id), (3, None));
+        assert_eq!(vsock.socket, PathBuf::from("/run/s/vsock.sock"));
+        let (_, plain, resume) = restore_from_cli("source_url=/t/a", None, None).unwrap();
+        assert!(plain.vsock.is_none() && plain.serial.is_none() && !resume);
+        assert!(restore_from_cli("source_url=/t/a", None, Some("socket=/x")).is_err());
+    }
+
+    #[test]
+    fn restore_refuses_device_flags_the_template_fixes() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["trenv", "--restore", "source_url=/t/a"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(parse(&["--vsock", "cid=3,socket=/x", "--serial", "tty"]).is_ok());
+        for flag in [
+            &["--disk", "path=/d"][..],
+            &["--memory", "size=1G"],
+            &["--cpus", "boot=2"],
+            &["--net", "tap=t0"],
+            &["--kernel", "/k"],
+        ] {
+            assert!(parse(flag).is_err(), "{flag:?}");
         }
     }
 }

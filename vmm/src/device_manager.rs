@@ -1,6 +1,10 @@
 //! Creates the platform devices of a VM and places them on the port-I/O and MMIO buses at the addresses of
 //! `arch::layout`: the emulated IOAPIC (split irqchip), the 16550 UART (ttyS0, on port 0x3f8 and its MMIO
-//! alias), the i8042 (reset), the ACPI sleep registers (power-off) and the guest-signal device.
+//! alias), the i8042 (reset), the ACPI sleep registers (power-off), the guest-signal device and the PCI
+//! segment with its hotplug controller, whose events raise the ACPI GED's interrupt (`layout::GED_IRQ`).
+//!
+//! After boot, [`DeviceManager::hot_add`] adds devices to the running VM and
+//! [`DeviceManager::release_ejected`] lets go of those the guest ejected.
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
@@ -20,9 +24,11 @@ use kvm_ioctls::VmFd;
 use crate::arch::layout;
 use crate::config::{ConsoleConfig, ConsoleMode, VmConfig};
 use crate::event_monitor;
-use crate::pci_devices::{DiskSpec, PciDevices, RngSpec};
+use crate::pci_devices::{DiskSpec, PciDevices, RngSpec, VsockSpec};
 use devices::console_socket::ConsoleSocket;
+use devices::pci::PciBdf;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -54,6 +60,16 @@ pub enum DeviceError {
     ExitEvent(#[source] std::io::Error),
 }
 
+impl DeviceError {
+    /// The PCI layer's error, if that is what failed.
+    pub fn pci(&self) -> Option<&crate::pci_devices::PciError> {
+        match self {
+            DeviceError::Pci(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 pub struct DeviceManager {
     pub pio_bus: Arc<Bus>,
     pub mmio_bus: Arc<Bus>,
@@ -70,6 +86,26 @@ pub struct DeviceManager {
     pub guest_events: Arc<Mutex<Vec<GuestEvent>>>,
     /// virtio-pmem mappings (they must outlive the VM's memslots on them), for accounting and diagnosis.
     pub pmem: Vec<virtio_pmem_share::PmemHandle>,
+    /// The KVM memslot of each pmem range, by device id.
+    pmem_memslots: std::collections::BTreeMap<String, u32>,
+    /// The first memslot after guest RAM's (pmem ranges take memslots from here).
+    first_pmem_memslot: u32,
+    /// Readable when the guest ejected a device (see [`Self::release_ejected`]).
+    hotplug_event: EventFd,
+}
+
+/// A device to add to a running VM, its configuration already checked.
+pub enum HotplugDevice {
+    /// A disk and its id.
+    Disk(String, DiskSpec),
+    Pmem(virtio_pmem_share::PmemSpec),
+    /// NIC number `n` (for its default MAC), its configuration and the tap fds that came with the request.
+    Net {
+        n: usize,
+        config: api::models::NetConfig,
+        fds: Vec<std::os::fd::OwnedFd>,
+    },
+    Vsock(VsockSpec),
 }
 
 /// The UART's output sink for `config`, and the console socket to serve once the UART exists.
@@ -110,8 +146,21 @@ impl DeviceManager {
         config: &VmConfig,
         memory: &GuestMemoryMmap,
     ) -> Result<Self, DeviceError> {
+        Self::with_placements(vm, config, memory, &Default::default())
+    }
+
+    /// As [`Self::new`], with PCI devices at the slots and BARs `placements` names (a restore gives each
+    /// device the place it had in the template, which hotplug may have made differ from the order the
+    /// configuration lists them in; see `pci_devices::placements`).
+    pub fn with_placements(
+        vm: Arc<VmFd>,
+        config: &VmConfig,
+        memory: &GuestMemoryMmap,
+        placements: &std::collections::BTreeMap<String, crate::pci_devices::Placement>,
+    ) -> Result<Self, DeviceError> {
         let serial_config = &config.serial;
         let exit = ExitNotifier::new().map_err(DeviceError::ExitEvent)?;
+        let idle_waker = IdleWaker::default();
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
@@ -197,18 +246,37 @@ impl DeviceManager {
             .flatten()
             .map(DiskSpec::try_from)
             .collect::<Result<Vec<_>, _>>()?;
-        let rng = Some(RngSpec::from(&config.rng));
-        let mut pci = PciDevices::with_router(
-            router,
-            &vm,
+        let mut pci =
+            PciDevices::with_router(router, &vm, memory, (&mut pio, &mut mmio), &[], None)?;
+        pci.reserve(placements)?;
+        // A device completing work for the guest ends the guest's idle wait, as an interrupt ends `hlt`.
+        let waker = idle_waker.clone();
+        pci.set_interrupt_observer(Arc::new(move || waker.wake()));
+        // Disks take slots 1, 2, ..., then the rng (unless placed elsewhere).
+        for (n, disk) in disks.iter().enumerate() {
+            let id = disk.id.clone().unwrap_or_else(|| format!("_disk{n}"));
+            pci.add_disk(id, disk, memory)?;
+        }
+        let rng = devices::virtio::rng::Rng::new(&RngSpec::from(&config.rng).src)
+            .map_err(crate::pci_devices::PciError::from)?;
+        pci.add_virtio(
+            crate::pci_devices::RNG_ID.to_string(),
+            Box::new(rng),
             memory,
-            (&mut pio, &mut mmio),
-            &disks,
-            rng.as_ref(),
+        )?;
+        let ged = IrqLine::new(ioapic.clone(), layout::GED_IRQ);
+        let waker = idle_waker.clone();
+        let hotplug_event = pci.enable_hotplug(
+            &mut mmio,
+            Box::new(move || {
+                ged.pulse();
+                // A guest that polls the controller from an idle wait hears of it at once.
+                waker.wake();
+            }),
         )?;
         if let Some(vsock) = &config.vsock {
-            let spec = crate::pci_devices::VsockSpec::try_from(vsock)?;
-            pci.add_vsock(&spec, memory, &mut mmio)?;
+            let spec = VsockSpec::try_from(vsock)?;
+            pci.add_vsock(&spec, memory)?;
         }
         // After RAM's memslots, in the window above RAM; the handles keep the files mapped.
         let pmem_specs = config
@@ -218,13 +286,18 @@ impl DeviceManager {
             .enumerate()
             .map(|(n, p)| crate::pci_devices::pmem_spec(n, p))
             .collect::<Result<Vec<_>, _>>()?;
+        let first_pmem_memslot = crate::memory::first_free_slot(memory);
         let pmem = pci.add_pmem(
             &pmem_specs,
             layout::pmem_window_start(config.memory.size),
-            crate::memory::first_free_slot(memory),
+            first_pmem_memslot,
             memory,
-            &mut mmio,
         )?;
+        let pmem_memslots = pmem
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.clone(), first_pmem_memslot + i as u32))
+            .collect();
 
         // The virtio console and the NICs take the next slots.
         let serial_reads_stdin = serial_config.mode == ConsoleMode::Tty;
@@ -232,14 +305,18 @@ impl DeviceManager {
             crate::pci_devices::console_device(&config.console, serial_reads_stdin)?
         {
             let id = crate::pci_devices::CONSOLE_ID.to_string();
-            pci.add_virtio(id, Box::new(console), memory, &mut mmio)?;
+            pci.add_virtio(id, Box::new(console), memory)?;
         }
         for (n, net) in config.net.iter().flatten().enumerate() {
             let (id, device) = crate::pci_devices::net_device(n, net, Vec::new())?;
-            pci.add_virtio(id, Box::new(device), memory, &mut mmio)?;
+            pci.add_virtio(id, Box::new(device), memory)?;
         }
 
-        let idle_waker = IdleWaker::default();
+        let unplaced = pci.drop_reservations();
+        if !unplaced.is_empty() {
+            log::warn!("no device has the place reserved for {unplaced:?}");
+        }
+
         mmio.insert(
             Arc::new(Mutex::new(GuestIdleDevice::new(idle_waker.clone()))),
             layout::GUEST_IDLE_START,
@@ -257,6 +334,96 @@ impl DeviceManager {
             pci,
             guest_events,
             pmem,
+            pmem_memslots,
+            first_pmem_memslot,
+            hotplug_event,
         })
+    }
+
+    /// Creates `device` in the lowest free PCI slot of the running VM and tells the guest (hotplug
+    /// interrupt). `mem_size` is the guest's RAM size (pmem ranges go above it). Nothing is left behind
+    /// when it fails.
+    pub fn hot_add(
+        &mut self,
+        device: HotplugDevice,
+        memory: &GuestMemoryMmap,
+        mem_size: u64,
+    ) -> Result<(String, PciBdf), DeviceError> {
+        let (id, bdf) = match device {
+            HotplugDevice::Disk(id, spec) => {
+                let bdf = self.pci.add_disk(id.clone(), &spec, memory)?;
+                (id, bdf)
+            }
+            HotplugDevice::Pmem(spec) => {
+                // Above every range in use, so that a restore from the configuration, which places the
+                // ranges in order, puts this one where it is now.
+                let window_start = self
+                    .pmem
+                    .iter()
+                    .map(|p| p.guest_addr.saturating_add(p.backing.size()))
+                    .fold(layout::pmem_window_start(mem_size), u64::max);
+                let memslot = (self.first_pmem_memslot..)
+                    .find(|s| !self.pmem_memslots.values().any(|used| used == s))
+                    .unwrap_or(u32::MAX);
+                let mut handles = self.pci.add_pmem(
+                    std::slice::from_ref(&spec),
+                    window_start,
+                    memslot,
+                    memory,
+                )?;
+                let handle = handles
+                    .pop()
+                    .ok_or(crate::pci_devices::PciError::PmemWindow)?;
+                let bdf = self
+                    .pci
+                    .bdf(&spec.id)
+                    .ok_or_else(|| crate::pci_devices::PciError::UnknownDevice(spec.id.clone()))?;
+                self.pmem_memslots.insert(spec.id.clone(), memslot);
+                self.pmem.push(handle);
+                (spec.id, bdf)
+            }
+            HotplugDevice::Net { n, config, fds } => {
+                let (id, net) = crate::pci_devices::net_device(n, &config, fds)?;
+                let bdf = self.pci.add_virtio(id.clone(), Box::new(net), memory)?;
+                (id, bdf)
+            }
+            HotplugDevice::Vsock(spec) => {
+                let bdf = self.pci.add_vsock(&spec, memory)?;
+                (spec.id, bdf)
+            }
+        };
+        self.pci.announce(&id)?;
+        event_monitor::emit(
+            "device",
+            "added",
+            &[("id", id.clone()), ("bdf", bdf.to_string())],
+        );
+        Ok((id, bdf))
+    }
+
+    /// Asks the guest to eject device `id` (it stays until the guest does).
+    pub fn request_removal(&self, id: &str) -> Result<(), DeviceError> {
+        self.pci.request_eject(id)?;
+        event_monitor::emit("device", "eject-requested", &[("id", id.to_string())]);
+        Ok(())
+    }
+
+    /// Releases the devices the guest ejected (and the memory of ejected pmem devices); returns their ids.
+    pub fn release_ejected(&mut self) -> Vec<String> {
+        let ids = self.pci.release_ejected();
+        for id in &ids {
+            if let Some(memslot) = self.pmem_memslots.remove(id) {
+                // The slot goes before the mapping it points into.
+                crate::pci_devices::remove_memslot(self.pci.vm_fd(), memslot);
+                self.pmem.retain(|p| p.id != *id);
+            }
+            event_monitor::emit("device", "removed", &[("id", id.clone())]);
+        }
+        ids
+    }
+
+    /// Readable when the guest ejected a device: call [`Self::release_ejected`] then.
+    pub fn hotplug_eventfd(&self) -> &EventFd {
+        &self.hotplug_event
     }
 }

@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod demo;
 pub mod device_manager;
 pub mod event_monitor;
+pub mod hotplug;
 pub mod logger;
 pub mod memory;
 pub mod pci_devices;

@@ -3,15 +3,22 @@
 //! notification ioeventfds and MSI-X irqfds registered with KVM.
 //!
 //! Devices take slots 1, 2, ... in the order disks, then rng; BARs come from the 32-bit window
-//! `layout::PCI_MMIO32_*`. MSI-X vectors get GSIs from 24 up; the IOAPIC can share the same routing table
+//! `layout::PCI_MMIO32_*`, which is one range of the MMIO bus ([`PciBarWindow`]) so that BARs can come and go
+//! while vCPUs run. MSI-X vectors get GSIs from 24 up; the IOAPIC can share the same routing table
 //! through [`PciDevices::router`] (see `devices::pci::IoapicRouteSender`).
+//!
+//! Hotplug: after boot, devices are added in the lowest free slot and announced to the guest through the
+//! hotplug controller ([`PciHotplug`], see [`PciDevices::enable_hotplug`]); a removal is a request to the
+//! guest, and only once the guest ejected the slot does [`PciDevices::release_ejected`] unregister the
+//! device's ioeventfds and irqfds and free its BAR and slot.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use devices::pci::hotplug::HotplugNotifier;
 use devices::pci::{
-    BarAllocator, InterruptRouter, PciBarBusDevice, PciBdf, PciConfigIo, PciConfigMmio, PciDevice,
-    PciRoot, RouterError,
+    BarAllocator, InterruptRouter, PciBarWindow, PciBdf, PciConfigIo, PciConfigMmio, PciHotplug,
+    PciRoot, RouterError, SharedPciDevice,
 };
 use devices::virtio::block::{Block, BlockConfig, BlockError, DEFAULT_QUEUE_SIZE};
 use devices::virtio::rng::{Rng, RngError};
@@ -251,6 +258,19 @@ pub fn net_device(
     Ok((id, device))
 }
 
+/// Deletes KVM memslot `slot` (a pmem range whose mapping is about to go).
+pub fn remove_memslot(vm: &VmFd, slot: u32) {
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot,
+        memory_size: 0,
+        ..Default::default()
+    };
+    // SAFETY: a zero-sized region deletes the slot; no host memory is handed to KVM.
+    if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
+        log::warn!("cannot delete KVM memslot {slot}: {e}");
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
     #[error("PCI")]
@@ -307,8 +327,20 @@ pub enum PciError {
         #[source]
         source: std::io::Error,
     },
-    #[error("PCI device state is not part of snapshots yet")]
-    SnapshotUnsupported,
+    #[error("device {id}: saved state")]
+    DeviceState {
+        id: String,
+        #[source]
+        source: devices::virtio::SnapshotError,
+    },
+    #[error("the saved devices do not match this VM's: {0}")]
+    DeviceSet(String),
+    #[error("no PCI device has id {0}")]
+    UnknownDevice(String),
+    #[error("cannot create the PCI hotplug controller")]
+    Hotplug(#[source] std::io::Error),
+    #[error("PCI hotplug is not enabled on this VM")]
+    HotplugDisabled,
     #[error("virtio console: {what}")]
     Console {
         what: String,
@@ -329,13 +361,64 @@ struct Entry {
     device: Arc<Mutex<VirtioPciDevice>>,
 }
 
+/// Where a device must go: the slot and BAR it had when a template was taken, so that the restored guest
+/// finds every device where its drivers left it (see [`placements`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub slot: u8,
+    pub bar: u64,
+}
+
+/// The placements recorded in a template's device states (slot from the saved address, BAR 0 from the
+/// saved configuration space). States that name no usable slot or BAR are left out: the restore then
+/// fails on the device-set check with the device named.
+pub fn placements(saved: &[PciDeviceState]) -> std::collections::BTreeMap<String, Placement> {
+    const BAR0_DWORD: usize = 4;
+    const BAR_ADDR_MASK: u32 = !0xf;
+    saved
+        .iter()
+        .filter_map(|s| {
+            let slot = s
+                .bdf
+                .strip_prefix("0000:00:")?
+                .strip_suffix(".0")
+                .and_then(|d| u8::from_str_radix(d, 16).ok())?;
+            let low = *s.state.config_space.get(BAR0_DWORD)?;
+            // A 64-bit memory BAR (type bits 0b10) continues in the next dword.
+            let high = if low & 0x6 == 0x4 {
+                *s.state.config_space.get(BAR0_DWORD + 1)?
+            } else {
+                0
+            };
+            let bar = (u64::from(high) << 32) | u64::from(low & BAR_ADDR_MASK);
+            Some((s.id.clone(), Placement { slot, bar }))
+        })
+        .collect()
+}
+
+/// How much of a device's registration happened (KVM ioeventfds and irqfds, in the device's order, then
+/// its BARs in the window and its slot).
+#[derive(Default)]
+struct Registered {
+    ioeventfds: usize,
+    irqfds: usize,
+    visible: bool,
+}
+
 pub struct PciDevices {
     vm: Arc<VmFd>,
     router: Arc<InterruptRouter>,
     root: Arc<Mutex<PciRoot>>,
+    window: Arc<Mutex<PciBarWindow>>,
     bars: BarAllocator,
     entries: Vec<Entry>,
-    vsock_reset: Option<devices::virtio::vsock::ResetHandle>,
+    /// The vsock device's id and its transport reset.
+    vsock_reset: Option<(String, devices::virtio::vsock::ResetHandle)>,
+    hotplug: Option<Arc<Mutex<PciHotplug>>>,
+    /// Slots and BARs held for devices not created yet (see [`Self::reserve`]).
+    reserved: std::collections::BTreeMap<String, Placement>,
+    /// Given to every virtio device, present and future (see [`Self::set_interrupt_observer`]).
+    interrupt_observer: Option<devices::virtio::transport::InterruptObserver>,
 }
 
 impl PciDevices {
@@ -352,6 +435,17 @@ impl PciDevices {
     ) -> Result<Self, PciError> {
         let router = Arc::new(InterruptRouter::new(Box::new(vm.clone())));
         Self::with_router(router, vm, mem, (pio, mmio), disks, rng)
+    }
+
+    /// Has `observer` called whenever any virtio device, present or added later, raises an interrupt.
+    pub fn set_interrupt_observer(
+        &mut self,
+        observer: devices::virtio::transport::InterruptObserver,
+    ) {
+        for e in &self.entries {
+            lock_device(&e.device).set_interrupt_observer(observer.clone());
+        }
+        self.interrupt_observer = Some(observer);
     }
 
     pub fn with_router(
@@ -373,37 +467,213 @@ impl PciDevices {
             PCI_CONFIG_IO_PORT,
             PCI_CONFIG_IO_SIZE,
         )?;
+        let window = Arc::new(Mutex::new(PciBarWindow::new(
+            layout::PCI_MMIO32_START,
+            layout::PCI_MMIO32_SIZE,
+        )));
+        mmio.insert(
+            window.clone(),
+            layout::PCI_MMIO32_START,
+            layout::PCI_MMIO32_SIZE,
+        )?;
         let mut pci = Self {
             vm: vm.clone(),
             router,
             root,
+            window,
             bars: BarAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)?,
             entries: Vec::new(),
             vsock_reset: None,
+            hotplug: None,
+            reserved: Default::default(),
+            interrupt_observer: None,
         };
         for (n, disk) in disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("_disk{n}"));
-            let cfg = BlockConfig {
-                path: disk.path.clone(),
-                readonly: disk.readonly,
-                serial: disk.serial.clone(),
-                queue_size: if disk.queue_size == 0 {
-                    DEFAULT_QUEUE_SIZE
-                } else {
-                    disk.queue_size
-                },
-            };
-            let block = Block::new(id.clone(), &cfg).map_err(|source| PciError::Block {
-                id: id.clone(),
-                source,
-            })?;
-            pci.add_virtio(id, Box::new(block), mem, mmio)?;
+            pci.add_disk(id, disk, mem)?;
         }
         if let Some(rng) = rng {
             let device = Rng::new(&rng.src)?;
-            pci.add_virtio(RNG_ID.to_string(), Box::new(device), mem, mmio)?;
+            pci.add_virtio(RNG_ID.to_string(), Box::new(device), mem)?;
         }
         Ok(pci)
+    }
+
+    /// Adds virtio-blk device `id` for `disk` in the lowest free slot.
+    pub fn add_disk(
+        &mut self,
+        id: String,
+        disk: &DiskSpec,
+        mem: &GuestMemory,
+    ) -> Result<PciBdf, PciError> {
+        let cfg = BlockConfig {
+            path: disk.path.clone(),
+            readonly: disk.readonly,
+            serial: disk.serial.clone(),
+            queue_size: if disk.queue_size == 0 {
+                DEFAULT_QUEUE_SIZE
+            } else {
+                disk.queue_size
+            },
+        };
+        let block = Block::new(id.clone(), &cfg).map_err(|source| PciError::Block {
+            id: id.clone(),
+            source,
+        })?;
+        self.add_virtio(id, Box::new(block), mem)
+    }
+
+    /// Holds each device's slot and BAR for it until it is added (a restore places the devices where the
+    /// template had them, whatever order they are created in); other devices keep off them. Refuses
+    /// placements that collide with each other or with a device already there, changing nothing then.
+    pub fn reserve(
+        &mut self,
+        placements: &std::collections::BTreeMap<String, Placement>,
+    ) -> Result<(), PciError> {
+        let mut held: Vec<(&String, Placement)> = Vec::new();
+        let mut result = Ok(());
+        for (id, p) in placements {
+            let slot_free = (1..devices::pci::root::NUM_SLOTS).contains(&p.slot)
+                && !self.root_lock().has_device(p.slot)
+                && !self.entries.iter().any(|e| e.bdf.device == p.slot)
+                && !self.reserved.values().any(|q| q.slot == p.slot)
+                && !held.iter().any(|(_, q)| q.slot == p.slot);
+            let id_free =
+                !self.entries.iter().any(|e| e.id == *id) && !self.reserved.contains_key(id);
+            if !slot_free || !id_free {
+                result = Err(PciError::Pci(devices::pci::PciError::SlotTaken(p.slot)));
+                break;
+            }
+            if let Err(e) = self.bars.allocate_at(p.bar, VIRTIO_PCI_BAR_SIZE) {
+                result = Err(e.into());
+                break;
+            }
+            held.push((id, *p));
+        }
+        if result.is_err() {
+            for (_, p) in held {
+                let _ = self.bars.free(p.bar, VIRTIO_PCI_BAR_SIZE);
+            }
+            return result;
+        }
+        self.reserved
+            .extend(held.into_iter().map(|(id, p)| (id.clone(), p)));
+        Ok(())
+    }
+
+    /// Frees what [`Self::reserve`] held for devices that were never added; returns their ids.
+    pub fn drop_reservations(&mut self) -> Vec<String> {
+        let reserved = std::mem::take(&mut self.reserved);
+        for p in reserved.values() {
+            let _ = self.bars.free(p.bar, VIRTIO_PCI_BAR_SIZE);
+        }
+        reserved.into_keys().collect()
+    }
+
+    /// Puts the hotplug controller on the MMIO bus at `layout::PCI_HOTPLUG_START`; `notify` raises the
+    /// guest's hotplug interrupt. Returns the eventfd that says the guest ejected a device.
+    pub fn enable_hotplug(
+        &mut self,
+        mmio: &mut Bus,
+        notify: HotplugNotifier,
+    ) -> Result<vmm_sys_util::eventfd::EventFd, PciError> {
+        let controller = PciHotplug::new(self.root.clone(), self.window.clone(), notify)
+            .map_err(PciError::Hotplug)?;
+        let ejected = controller.ejected_eventfd().map_err(PciError::Hotplug)?;
+        let controller = Arc::new(Mutex::new(controller));
+        mmio.insert(
+            controller.clone(),
+            layout::PCI_HOTPLUG_START,
+            layout::PCI_HOTPLUG_SIZE,
+        )?;
+        self.hotplug = Some(controller);
+        Ok(ejected)
+    }
+
+    fn hotplug_lock(&self) -> Result<std::sync::MutexGuard<'_, PciHotplug>, PciError> {
+        let controller = self.hotplug.as_ref().ok_or(PciError::HotplugDisabled)?;
+        Ok(controller.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Tells the guest that the device `id` (added after boot) is there.
+    pub fn announce(&self, id: &str) -> Result<(), PciError> {
+        let slot = self.slot_of(id)?;
+        self.hotplug_lock()?.device_added(slot);
+        Ok(())
+    }
+
+    /// Asks the guest to eject device `id`; the device stays until the guest does.
+    pub fn request_eject(&self, id: &str) -> Result<(), PciError> {
+        let slot = self.slot_of(id)?;
+        self.hotplug_lock()?.request_eject(slot);
+        Ok(())
+    }
+
+    fn slot_of(&self, id: &str) -> Result<u8, PciError> {
+        self.entries
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.bdf.device)
+            .ok_or_else(|| PciError::UnknownDevice(id.to_string()))
+    }
+
+    /// Releases every device the guest ejected since the last call (KVM ioeventfds and irqfds, BAR, slot;
+    /// the device itself stops when dropped) and returns their ids.
+    pub fn release_ejected(&mut self) -> Vec<String> {
+        let ejected = match self.hotplug_lock() {
+            Ok(mut controller) => controller.take_ejected(),
+            Err(_) => return Vec::new(),
+        };
+        let slots: Vec<u8> = (0..32u8).filter(|s| ejected & (1 << s) != 0).collect();
+        slots
+            .into_iter()
+            .filter_map(|slot| {
+                let index = self.entries.iter().position(|e| e.bdf.device == slot)?;
+                let entry = self.entries.remove(index);
+                self.release(&entry);
+                Some(entry.id)
+            })
+            .collect()
+    }
+
+    /// Undoes [`Self::place`] for a device the guest ejected: nothing may reach it afterwards. The device
+    /// stops (resets) when the last reference, the entry's, is dropped.
+    fn release(&mut self, entry: &Entry) {
+        let all = Registered {
+            ioeventfds: usize::MAX,
+            irqfds: usize::MAX,
+            visible: true,
+        };
+        self.unregister(entry, &all);
+        let bar = entry
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bar_addr();
+        if let Err(e) = self.bars.free(bar, VIRTIO_PCI_BAR_SIZE) {
+            log::warn!("pci: {}: cannot free BAR {bar:#x}: {e}", entry.id);
+        }
+        if self
+            .vsock_reset
+            .as_ref()
+            .is_some_and(|(id, _)| *id == entry.id)
+        {
+            self.vsock_reset = None;
+        }
+        log::info!("pci: {} at {} released", entry.id, entry.bdf);
+    }
+
+    /// The lowest slot neither on the bus, nor held by a device the guest ejected and that is not released
+    /// yet, nor reserved.
+    fn free_slot(&self) -> Result<u8, PciError> {
+        let root = self.root_lock();
+        (1..devices::pci::root::NUM_SLOTS)
+            .find(|&s| {
+                !root.has_device(s)
+                    && !self.entries.iter().any(|e| e.bdf.device == s)
+                    && !self.reserved.values().any(|p| p.slot == s)
+            })
+            .ok_or(PciError::Pci(devices::pci::PciError::NoFreeSlot))
     }
 
     /// Adds a virtio device in the lowest free slot and returns its address.
@@ -412,14 +682,18 @@ impl PciDevices {
         id: String,
         device: Box<dyn VirtioDevice>,
         mem: &GuestMemory,
-        mmio: &mut Bus,
     ) -> Result<PciBdf, PciError> {
         if self.entries.iter().any(|e| e.id == id) {
             return Err(PciError::DuplicateId(id));
         }
-        let slot = self.root_lock().free_slot()?;
-        let bar = self.bars.allocate(VIRTIO_PCI_BAR_SIZE)?;
-        let result = self.place(id, device, mem, mmio, slot, bar);
+        let (slot, bar) = match self.reserved.remove(&id) {
+            Some(p) => (p.slot, p.bar),
+            None => {
+                let slot = self.free_slot()?;
+                (slot, self.bars.allocate(VIRTIO_PCI_BAR_SIZE)?)
+            }
+        };
+        let result = self.place(id, device, mem, slot, bar);
         if result.is_err() {
             let _ = self.bars.free(bar, VIRTIO_PCI_BAR_SIZE);
         }
@@ -431,7 +705,6 @@ impl PciDevices {
         id: String,
         device: Box<dyn VirtioDevice>,
         mem: &GuestMemory,
-        mmio: &mut Bus,
         slot: u8,
         bar: u64,
     ) -> Result<PciBdf, PciError> {
@@ -441,9 +714,32 @@ impl PciDevices {
                     id: id.clone(),
                     source,
                 })?;
-        // Register with KVM before the guest can see the device. Unregistering an ioeventfd is slow
-        // (~7 ms here), so they stay for the device's life.
-        for (addr, event) in virtio.ioeventfds() {
+        if let Some(observer) = &self.interrupt_observer {
+            virtio.set_interrupt_observer(observer.clone());
+        }
+        let entry = Entry {
+            id,
+            bdf: PciBdf::new(0, slot, 0),
+            device: Arc::new(Mutex::new(virtio)),
+        };
+        let mut done = Registered::default();
+        if let Err(e) = self.register(&entry, &mut done) {
+            // A device added after boot must leave nothing behind when it fails.
+            self.unregister(&entry, &done);
+            return Err(e);
+        }
+        log::info!("pci: {} at {}, BAR0 {bar:#x}", entry.id, entry.bdf);
+        let bdf = entry.bdf;
+        self.entries.push(entry);
+        Ok(bdf)
+    }
+
+    /// Registers the device's notifications and interrupts with KVM, then makes it visible: BARs in the
+    /// window, function in its slot (the guest may find it from then on). `done` records how far it got.
+    fn register(&mut self, entry: &Entry, done: &mut Registered) -> Result<(), PciError> {
+        let id = &entry.id;
+        let device = entry.device.lock().unwrap_or_else(|e| e.into_inner());
+        for (addr, event) in device.ioeventfds() {
             self.vm
                 .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
                 .map_err(|source| PciError::Ioeventfd {
@@ -451,12 +747,14 @@ impl PciDevices {
                     addr,
                     source,
                 })?;
+            done.ioeventfds += 1;
         }
-        let irqfds = virtio.irqfds().map_err(|source| PciError::Irqfd {
+        let irqfds = device.irqfds().map_err(|source| PciError::Irqfd {
             id: id.clone(),
             gsi: 0,
             source,
         })?;
+        drop(device);
         for (gsi, fd) in &irqfds {
             self.vm
                 .register_irqfd(fd, *gsi)
@@ -465,20 +763,65 @@ impl PciDevices {
                     gsi: *gsi,
                     source: e.into(),
                 })?;
+            done.irqfds += 1;
         }
-        let bars = virtio.bars();
-        let device = Arc::new(Mutex::new(virtio));
-        for b in bars {
-            mmio.insert(
-                Arc::new(Mutex::new(PciBarBusDevice::new(device.clone(), b.index))),
-                b.addr,
-                b.size,
-            )?;
+        let shared: SharedPciDevice = entry.device.clone();
+        self.window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert_device(&shared)?;
+        done.visible = true;
+        self.root_lock().add_device(entry.bdf.device, shared)?;
+        Ok(())
+    }
+
+    /// Undoes what [`Self::register`] did (all of it for a device that was placed).
+    fn unregister(&mut self, entry: &Entry, done: &Registered) {
+        if done.visible {
+            // Normally the controller did this when the guest ejected; then these are no-ops.
+            let shared: SharedPciDevice = entry.device.clone();
+            let mut root = self.root_lock();
+            if root
+                .device_at(entry.bdf.device)
+                .is_some_and(|d| Arc::ptr_eq(&d, &shared))
+            {
+                root.remove_device(entry.bdf.device);
+            }
+            drop(root);
+            self.window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove_device(&shared);
         }
-        let bdf = self.root_lock().add_device(slot, device.clone())?;
-        log::info!("pci: {id} at {bdf}, BAR0 {bar:#x}");
-        self.entries.push(Entry { id, bdf, device });
-        Ok(bdf)
+        let device = entry.device.lock().unwrap_or_else(|e| e.into_inner());
+        // A stale ioeventfd would swallow the notifications of the next device at this BAR (and KVM
+        // refuses a second one at the same address): unregister before the BAR is reused.
+        for (addr, event) in device.ioeventfds().into_iter().take(done.ioeventfds) {
+            if let Err(e) =
+                self.vm
+                    .unregister_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            {
+                log::warn!(
+                    "pci: {}: cannot unregister the ioeventfd at {addr:#x}: {e}",
+                    entry.id
+                );
+            }
+        }
+        if done.irqfds > 0 {
+            match device.irqfds() {
+                Ok(irqfds) => {
+                    for (gsi, fd) in irqfds.into_iter().take(done.irqfds) {
+                        if let Err(e) = self.vm.unregister_irqfd(&fd, gsi) {
+                            log::warn!(
+                                "pci: {}: cannot unregister the irqfd of GSI {gsi}: {e}",
+                                entry.id
+                            );
+                        }
+                    }
+                }
+                Err(e) => log::warn!("pci: {}: cannot list its irqfds: {e}", entry.id),
+            }
+        }
     }
 
     /// Maps each pmem file, makes its range KVM memslot `first_slot + i` in the pmem window from
@@ -490,7 +833,6 @@ impl PciDevices {
         window_start: u64,
         first_slot: u32,
         mem: &GuestMemory,
-        mmio: &mut Bus,
     ) -> Result<Vec<virtio_pmem_share::PmemHandle>, PciError> {
         use virtio_pmem_share::{Pmem, PmemBacking, PmemHandle};
         let mut backings = Vec::with_capacity(specs.len());
@@ -509,11 +851,12 @@ impl PciDevices {
         let mut handles = Vec::with_capacity(specs.len());
         for (i, (backing, guest_addr)) in backings.into_iter().zip(starts).enumerate() {
             let id = backing.id().to_string();
+            let memslot = first_slot + i as u32;
             // SAFETY: the handle returned to the caller owns the mapping for the VM's life.
             unsafe {
                 crate::memory::register_extra_slot(
                     &self.vm,
-                    first_slot + i as u32,
+                    memslot,
                     guest_addr,
                     backing.host_addr(),
                     backing.size(),
@@ -525,7 +868,11 @@ impl PciDevices {
             })?;
             let device = Pmem::new(backing.clone(), guest_addr);
             let counters = device.counters();
-            self.add_virtio(id.clone(), Box::new(device), mem, mmio)?;
+            if let Err(e) = self.add_virtio(id.clone(), Box::new(device), mem) {
+                // The mapping goes with `backing`: KVM must not keep a slot on it.
+                remove_memslot(&self.vm, memslot);
+                return Err(e);
+            }
             log::info!(
                 "pmem {id}: guest range {guest_addr:#x}+{:#x}",
                 backing.size()
@@ -541,26 +888,33 @@ impl PciDevices {
     }
 
     /// Adds the virtio-vsock device (hybrid: host side on Unix sockets); it starts listening now.
-    pub fn add_vsock(
-        &mut self,
-        spec: &VsockSpec,
-        mem: &GuestMemory,
-        mmio: &mut Bus,
-    ) -> Result<PciBdf, PciError> {
+    pub fn add_vsock(&mut self, spec: &VsockSpec, mem: &GuestMemory) -> Result<PciBdf, PciError> {
+        if self.vsock_reset.is_some() {
+            return Err(PciError::Unsupported("a second vsock device"));
+        }
         let device = devices::virtio::vsock::Vsock::new(&spec.config)?;
         let reset = device.reset_handle();
-        let bdf = self.add_virtio(spec.id.clone(), Box::new(device), mem, mmio)?;
-        self.vsock_reset = Some(reset);
+        let bdf = self.add_virtio(spec.id.clone(), Box::new(device), mem)?;
+        self.vsock_reset = Some((spec.id.clone(), reset));
         Ok(bdf)
     }
 
     /// Resets the vsock transport (after a restore: the host sockets did not survive it).
     pub fn vsock_reset_handle(&self) -> Option<&devices::virtio::vsock::ResetHandle> {
-        self.vsock_reset.as_ref()
+        self.vsock_reset.as_ref().map(|(_, reset)| reset)
     }
 
     fn root_lock(&self) -> std::sync::MutexGuard<'_, PciRoot> {
         self.root.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The PCI address of device `id`.
+    pub fn bdf(&self, id: &str) -> Option<PciBdf> {
+        self.entries.iter().find(|e| e.id == id).map(|e| e.bdf)
+    }
+
+    pub(crate) fn vm_fd(&self) -> &VmFd {
+        &self.vm
     }
 
     /// The PCI address of device `id`, as `0000:00:05.0`.
@@ -593,14 +947,126 @@ impl PciDevices {
         &self.router
     }
 
-    /// Snapshot support arrives with device state (issue 5, part 4).
-    pub fn state(&self) -> Result<(), PciError> {
-        Err(PciError::SnapshotUnsupported)
+    /// Stops every device's data path, keeping its state (idempotent): until [`Self::resume_devices`] no
+    /// device writes guest memory or moves its queues. A snapshot does this before reading anything.
+    pub fn pause_devices(&self) -> Result<(), PciError> {
+        for e in &self.entries {
+            lock_device(&e.device)
+                .pause()
+                .map_err(|source| PciError::DeviceState {
+                    id: e.id.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
-    pub fn set_state(&mut self) -> Result<(), PciError> {
-        Err(PciError::SnapshotUnsupported)
+    /// Lets every device serve again after [`Self::pause_devices`] (a device that cannot is marked
+    /// DEVICE_NEEDS_RESET for its driver).
+    pub fn resume_devices(&self) {
+        for e in &self.entries {
+            lock_device(&e.device).resume();
+        }
     }
+
+    /// Every device's state, in slot order of creation; the devices must be paused.
+    pub fn state(&self) -> Result<Vec<PciDeviceState>, PciError> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let state =
+                    lock_device(&e.device)
+                        .state()
+                        .map_err(|source| PciError::DeviceState {
+                            id: e.id.clone(),
+                            source,
+                        })?;
+                Ok(PciDeviceState {
+                    id: e.id.clone(),
+                    bdf: e.bdf.to_string(),
+                    state,
+                })
+            })
+            .collect()
+    }
+
+    /// Loads saved device states (untrusted: from a template) into this VM's devices, which must be the
+    /// same devices at the same PCI addresses. Every state is checked before any device changes. Devices
+    /// that were live are activated on their saved queues; the vsock device, whose host connections did
+    /// not survive, then tells its driver with a TRANSPORT_RESET event.
+    pub fn set_state(&mut self, saved: &[PciDeviceState]) -> Result<(), PciError> {
+        for (e, s) in self.match_state(saved)? {
+            let live = s.state.status & devices::virtio::STATUS_DRIVER_OK != 0
+                && s.state.status & devices::virtio::STATUS_DEVICE_NEEDS_RESET == 0;
+            if let Some((_, reset)) = self.vsock_reset.as_ref().filter(|(id, _)| *id == e.id) {
+                if live {
+                    // Asked before the activation, so that the device starts with the reset: no host
+                    // client gets accepted (and then dropped) on the old connections' behalf.
+                    reset.reset_connections();
+                }
+            }
+            lock_device(&e.device)
+                .set_state(&s.state)
+                .map_err(|source| PciError::DeviceState {
+                    id: e.id.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Self::set_state`] would accept `saved`; changes nothing.
+    pub fn check_state(&self, saved: &[PciDeviceState]) -> Result<(), PciError> {
+        self.match_state(saved).map(|_| ())
+    }
+
+    /// Pairs every device with its saved state, each checked.
+    fn match_state<'a>(
+        &'a self,
+        saved: &'a [PciDeviceState],
+    ) -> Result<Vec<(&'a Entry, &'a PciDeviceState)>, PciError> {
+        let mismatch = |why: String| Err(PciError::DeviceSet(why));
+        if saved.len() != self.entries.len() {
+            return mismatch(format!(
+                "{} saved, {} here",
+                saved.len(),
+                self.entries.len()
+            ));
+        }
+        let mut pairs = Vec::with_capacity(saved.len());
+        for e in &self.entries {
+            let mut found = saved.iter().filter(|s| s.id == e.id);
+            let (Some(s), None) = (found.next(), found.next()) else {
+                return mismatch(format!("device {} is not saved exactly once", e.id));
+            };
+            if s.bdf != e.bdf.to_string() {
+                return mismatch(format!(
+                    "device {} was at {}, it is at {} here",
+                    e.id, s.bdf, e.bdf
+                ));
+            }
+            lock_device(&e.device)
+                .check_state(&s.state)
+                .map_err(|source| PciError::DeviceState {
+                    id: e.id.clone(),
+                    source,
+                })?;
+            pairs.push((e, s));
+        }
+        Ok(pairs)
+    }
+}
+
+/// A virtio-pci function's saved state with the id and PCI address it had (part of a template's state).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciDeviceState {
+    pub id: String,
+    pub bdf: String,
+    pub state: devices::virtio::transport::VirtioPciState,
+}
+
+fn lock_device(device: &Mutex<VirtioPciDevice>) -> std::sync::MutexGuard<'_, VirtioPciDevice> {
+    device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -659,7 +1125,28 @@ mod tests {
         assert_eq!(pci.bdf_of("data").as_deref(), Some("0000:00:02.0"));
         assert_eq!(pci.bdf_of(RNG_ID).as_deref(), Some("0000:00:03.0"));
         assert_eq!(pci.bdf_of("nope"), None);
-        assert!(pci.state().is_err());
+        // Device state: the same set loads back; another set is refused.
+        let saved = pci.state().unwrap();
+        assert_eq!(
+            saved.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            ["_disk0", "data", RNG_ID]
+        );
+        assert!(saved.iter().all(|d| d.state.status == 0));
+        let mut pci = pci;
+        pci.set_state(&saved).unwrap();
+        assert!(matches!(
+            pci.set_state(&saved[..2]),
+            Err(PciError::DeviceSet(_))
+        ));
+        let mut moved = saved.clone();
+        moved[0].bdf = "0000:00:07.0".into();
+        assert!(matches!(pci.set_state(&moved), Err(PciError::DeviceSet(_))));
+        let mut bad = saved.clone();
+        bad[2].state.queues[0].size = 3;
+        assert!(matches!(
+            pci.set_state(&bad),
+            Err(PciError::DeviceState { .. })
+        ));
 
         // ECAM: host bridge, then virtio-blk, virtio-blk, virtio-rng.
         let ecam = layout::PCI_ECAM_START;
@@ -708,6 +1195,172 @@ mod tests {
             None,
         );
         assert!(matches!(again, Err(PciError::DuplicateId(_))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn hot_added_devices_are_announced_ejected_and_released() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let Some(vm) = vm_fd() else {
+            eprintln!("no usable /dev/kvm: skipped");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("trenv-pci-hotplug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let spec = DiskSpec {
+            path: disk.clone(),
+            ..Default::default()
+        };
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let mut pci = PciDevices::new(
+            &vm,
+            &mem,
+            &mut pio,
+            &mut mmio,
+            std::slice::from_ref(&spec),
+            None,
+        )
+        .unwrap();
+        let notified = Arc::new(AtomicUsize::new(0));
+        let count = notified.clone();
+        let ejected = pci
+            .enable_hotplug(
+                &mut mmio,
+                Box::new(move || {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+            .unwrap();
+        let hp = layout::PCI_HOTPLUG_START;
+        let ecam = layout::PCI_ECAM_START;
+        assert_eq!(read32(&mmio, hp), u32::from_le_bytes(*b"TRHP"));
+
+        // Added after boot: slot 2, BAR after the first disk's, announced.
+        let bdf = pci.add_disk("hot".into(), &spec, &mem).unwrap();
+        assert_eq!(bdf.to_string(), "0000:00:02.0");
+        pci.announce("hot").unwrap();
+        assert_eq!(notified.load(Ordering::SeqCst), 1);
+        assert_eq!(read32(&mmio, hp + 0x08), 1 << 2);
+        assert_eq!(read32(&mmio, hp + 0x14), 0b111);
+        assert_eq!(read32(&mmio, ecam + (2 << 15)), 0x1042_1af4);
+        let bar = u64::from(read32(&mmio, ecam + (2 << 15) + 0x10));
+        let mut nq = [0u8; 2];
+        mmio.read(bar + 0x12, &mut nq).unwrap();
+        assert_eq!(u16::from_le_bytes(nq), 1, "the BAR decodes");
+        let routes_before = pci.router().routes().len();
+
+        // Eject: requested, then done by the guest's write; the device leaves the bus at once and is
+        // released by the VMM.
+        assert!(matches!(
+            pci.request_eject("nope"),
+            Err(PciError::UnknownDevice(_))
+        ));
+        pci.request_eject("hot").unwrap();
+        assert_eq!(notified.load(Ordering::SeqCst), 2);
+        assert_eq!(read32(&mmio, hp + 0x0c), 1 << 2);
+        assert!(pci.release_ejected().is_empty(), "not ejected yet");
+        mmio.write(hp + 0x10, &(1u32 << 2).to_le_bytes()).unwrap();
+        assert_eq!(read32(&mmio, ecam + (2 << 15)), u32::MAX);
+        assert_eq!(read32(&mmio, bar), u32::MAX, "the BAR no longer decodes");
+        assert_eq!(ejected.read().unwrap(), 1);
+        assert_eq!(pci.release_ejected(), ["hot"]);
+        assert_eq!(pci.bdf_of("hot"), None);
+        assert_eq!(pci.devices().len(), 1);
+        assert!(pci.router().routes().len() <= routes_before);
+
+        // Slot, BAR and notify address are free again: the same place takes a new device (KVM would
+        // refuse a second ioeventfd at an address still registered).
+        let again = pci.add_disk("again".into(), &spec, &mem).unwrap();
+        assert_eq!(again, bdf);
+        assert_eq!(u64::from(read32(&mmio, ecam + (2 << 15) + 0x10)), bar);
+        // A failed add leaves nothing behind either.
+        assert!(matches!(
+            pci.add_disk("again".into(), &spec, &mem),
+            Err(PciError::DuplicateId(_))
+        ));
+        let bad = DiskSpec {
+            path: dir.join("missing.img"),
+            ..Default::default()
+        };
+        assert!(matches!(
+            pci.add_disk("bad".into(), &bad, &mem),
+            Err(PciError::Block { .. })
+        ));
+        let third = pci.add_disk("third".into(), &spec, &mem).unwrap();
+        assert_eq!(third.to_string(), "0000:00:03.0");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    #[test]
+    fn reserved_placements_hold_slots_and_bars_whatever_the_creation_order() {
+        use std::collections::BTreeMap;
+        let Some(vm) = vm_fd() else {
+            eprintln!("no usable /dev/kvm: skipped");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("trenv-pci-place-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let spec = DiskSpec {
+            path: disk.clone(),
+            ..Default::default()
+        };
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let mut pci = PciDevices::new(&vm, &mem, &mut pio, &mut mmio, &[], None).unwrap();
+        let window = layout::PCI_MMIO32_START;
+        let at = |slot, bar| Placement { slot, bar };
+        let plan = BTreeMap::from([
+            ("a".to_string(), at(1, window + 0x8000)),
+            ("b".to_string(), at(4, window + 0x10000)),
+            ("never".to_string(), at(6, window + 0x20000)),
+        ]);
+        pci.reserve(&plan).unwrap();
+        // Colliding placements are refused as a whole.
+        let clash = BTreeMap::from([
+            ("c".to_string(), at(5, window + 0x18000)),
+            ("d".to_string(), at(4, window + 0x28000)),
+        ]);
+        assert!(pci.reserve(&clash).is_err());
+        let bar_clash = BTreeMap::from([("e".to_string(), at(7, window + 0x10000))]);
+        assert!(pci.reserve(&bar_clash).is_err());
+
+        // An unplaced device keeps off the reserved slots and BARs; placed ones land where planned.
+        pci.add_disk("x".into(), &spec, &mem).unwrap();
+        pci.add_disk("b".into(), &spec, &mem).unwrap();
+        pci.add_disk("a".into(), &spec, &mem).unwrap();
+        let bar_of = |pci: &PciDevices, id: &str| {
+            pci.device(id)
+                .unwrap()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .bar_addr()
+        };
+        assert_eq!(pci.bdf_of("x").as_deref(), Some("0000:00:02.0"));
+        assert_eq!(bar_of(&pci, "x"), window);
+        assert_eq!(pci.bdf_of("b").as_deref(), Some("0000:00:04.0"));
+        assert_eq!(bar_of(&pci, "b"), window + 0x10000);
+        assert_eq!(pci.bdf_of("a").as_deref(), Some("0000:00:01.0"));
+        assert_eq!(bar_of(&pci, "a"), window + 0x8000);
+        // The refused placements held nothing: slot 5 and the BAR at +0x18000 go to the next devices.
+        pci.add_disk("y".into(), &spec, &mem).unwrap();
+        assert_eq!(pci.bdf_of("y").as_deref(), Some("0000:00:03.0"));
+        assert_eq!(bar_of(&pci, "y"), window + 0x18000);
+        assert_eq!(pci.drop_reservations(), ["never"]);
+        pci.add_disk("z".into(), &spec, &mem).unwrap();
+        assert_eq!(pci.bdf_of("z").as_deref(), Some("0000:00:05.0"));
+
+        // A template's device states give the same placements back.
+        pci.pause_devices().unwrap();
+        let saved = pci.state().unwrap();
+        let derived = placements(&saved);
+        assert_eq!(derived["a"], at(1, window + 0x8000));
+        assert_eq!(derived["b"], at(4, window + 0x10000));
+        assert_eq!(derived["z"], at(5, bar_of(&pci, "z")));
+        assert_eq!(derived.len(), 5);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -28,8 +28,12 @@ use crate::arch::x86_64::vcpu_state::{self, VcpuState};
 use crate::config::VmConfig;
 use crate::vm::{Vm, VmError};
 
-/// Version of `VmState`'s layout inside format-v1 templates.
-pub const STATE_VERSION: u32 = 1;
+/// Version of `VmState`'s layout inside format-v1 templates. Version 2 added the virtio-pci devices' state;
+/// version 1 templates (taken before any guest had started a virtio device) still restore, with fresh
+/// devices.
+pub const STATE_VERSION: u32 = 2;
+/// The oldest `VmState` layout still restored.
+pub const MIN_STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -83,8 +87,12 @@ pub enum SnapshotError {
     },
     #[error("cannot load device state: {0}")]
     Device(String),
+    #[error("virtio-pci device state")]
+    PciDevices(#[from] crate::pci_devices::PciError),
     #[error("the template cannot be served in place: {0}")]
     Incompatible(String),
+    #[error("the restore-time device override does not match the template: {0}")]
+    Override(String),
 }
 
 /// Everything besides guest RAM that a restored guest needs.
@@ -95,6 +103,9 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     pub ioapic: IoapicState,
     pub serial: Option<SerialDeviceState>,
+    /// The virtio-pci devices (version 2 on); absent in older templates, whose devices restore fresh.
+    #[serde(default)]
+    pub pci: Option<Vec<crate::pci_devices::PciDeviceState>>,
 }
 
 /// How a restore maps memory and what it changes from the template's config.
@@ -105,6 +116,43 @@ pub struct RestoreOptions {
     pub serial: Option<crate::config::ConsoleConfig>,
     /// Pre-fault every page (copy and cow modes) before the guest runs.
     pub prefault: bool,
+    /// Moves the template's vsock device to another host socket; the device itself (CID, id) must be the
+    /// template's: see [`override_vsock`].
+    pub vsock: Option<api::models::VsockConfig>,
+}
+
+/// Applies a restore-time vsock override to a template's config: only the host-side socket path may
+/// change, since the guest already knows its CID and device. `wanted.id`, when given, must name the
+/// template's device.
+pub fn override_vsock(
+    config: &mut VmConfig,
+    wanted: &api::models::VsockConfig,
+) -> Result<(), SnapshotError> {
+    let Some(vsock) = config.vsock.as_mut() else {
+        return Err(SnapshotError::Override(
+            "the template has no vsock device".into(),
+        ));
+    };
+    if wanted.cid != vsock.cid {
+        return Err(SnapshotError::Override(format!(
+            "vsock cid={} given, the template's device has cid={}",
+            wanted.cid, vsock.cid
+        )));
+    }
+    if wanted.id.is_some() && wanted.id != vsock.id {
+        return Err(SnapshotError::Override(format!(
+            "vsock id={:?} given, the template's device is {:?}",
+            wanted.id.as_deref().unwrap_or(""),
+            vsock.id.as_deref().unwrap_or("(unnamed)")
+        )));
+    }
+    if (wanted.iommu, wanted.pci_segment) != (vsock.iommu, vsock.pci_segment) {
+        return Err(SnapshotError::Override(
+            "vsock iommu and pci_segment cannot change at restore".into(),
+        ));
+    }
+    vsock.socket = wanted.socket.clone();
+    Ok(())
 }
 
 /// Parses `file:///dir` (Cloud Hypervisor's snapshot/restore URL form) or a plain absolute path.
@@ -238,6 +286,9 @@ impl Vm {
                 "a parked VM has no guest state to snapshot".into(),
             ));
         }
+        // Quiesce the devices first: from here until the VM resumes, none of them writes guest memory or
+        // moves its queues, so the memory image and their state agree.
+        self.devices.pci.pause_devices()?;
         // Captured once per pause: state read twice from a paused VM must be identical (KVM's TSC keeps
         // counting), so that snapshotting the same paused VM twice gives the same template digest.
         let state_bytes = match &self.paused_state {
@@ -263,7 +314,8 @@ impl Vm {
         let mut writer = TemplateWriter::create(parent, &name)?;
         for region in self.memory.iter() {
             // SAFETY: the region is mapped for the VM's lifetime, and nothing writes guest memory while the
-            // vCPUs are parked and the legacy devices only touch memory from vCPU exits.
+            // vCPUs are parked, the virtio devices are paused and the legacy devices only touch memory from
+            // vCPU exits.
             unsafe {
                 writer.write_region(
                     region.start_addr().0,
@@ -323,20 +375,6 @@ impl Vm {
     }
 
     fn capture_state(&self) -> Result<VmState, SnapshotError> {
-        // Virtio devices the guest has started hold queue state that cannot be saved yet: refuse rather
-        // than write a template whose devices would come back reset under a running driver.
-        for (id, _) in self.devices.pci.devices() {
-            let started = self
-                .devices
-                .pci
-                .device(&id)
-                .is_some_and(|d| d.lock().unwrap_or_else(|e| e.into_inner()).status() != 0);
-            if started {
-                return Err(SnapshotError::Device(format!(
-                    "the guest has initialised virtio device '{id}'; saving virtio device state is not supported yet"
-                )));
-            }
-        }
         let msr_indices = vcpu_state::msrs_to_save(&self.kvm)
             .map_err(|source| SnapshotError::SaveVcpu { id: 0, source })?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
@@ -377,6 +415,7 @@ impl Vm {
                 .serial
                 .as_ref()
                 .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).state()),
+            pci: Some(self.devices.pci.state()?),
         })
     }
 
@@ -390,7 +429,15 @@ impl Vm {
         let lease = lease(dir)?;
         let (memory, ondemand) = map_template_memory(dir, &checked.manifest, options)?;
         log::debug!("restore: memory mapped ({})", options.mode);
-        let mut vm = Vm::create_with_memory(kvm, &checked.config, memory, supported)?;
+        // Devices go back to the slots and BARs they had (hotplug may have made them differ from the
+        // order the configuration lists them in).
+        let placements = checked
+            .state
+            .pci
+            .as_deref()
+            .map(crate::pci_devices::placements)
+            .unwrap_or_default();
+        let mut vm = Vm::create_with_memory(kvm, &checked.config, memory, supported, &placements)?;
         log::debug!("restore: VM created");
         vm.load_state(&checked.state)?;
         log::debug!("restore: state loaded");
@@ -433,12 +480,29 @@ impl Vm {
         log::debug!("repurpose: template checked");
         // Keep this VM's own console: the serial device and its sink stay as they are.
         checked.config.serial = self.config.serial.clone();
+        // Likewise its vsock backend, whose socket a restore may have moved: where the template's device
+        // is otherwise the same, it is served on this VM's socket (else the device sets differ below).
+        if let Some(ours) = &self.config.vsock {
+            let _ = override_vsock(&mut checked.config, ours);
+        }
         if let Some(reason) = self.incompatibility(&checked) {
             return Err(SnapshotError::Incompatible(reason).into());
+        }
+        // A template whose device state these devices cannot take is refused before the VM is touched.
+        if let Some(pci) = &checked.state.pci {
+            self.devices
+                .pci
+                .check_state(pci)
+                .map_err(SnapshotError::from)?;
         }
         let lease = lease(dir)?;
         phases.check_us = lap();
         self.pause()?;
+        // No device may write guest memory while it is swapped under them (they are reset below).
+        self.devices
+            .pci
+            .pause_devices()
+            .map_err(SnapshotError::from)?;
         phases.pause_us = lap();
         for (region, image) in self.memory.iter().zip(&checked.manifest.regions) {
             let path = dir.join(&image.file);
@@ -490,6 +554,12 @@ impl Vm {
     /// nothing. The guest must not run again before a repurpose. Returns the bytes dropped.
     pub fn park(&mut self) -> Result<u64, VmError> {
         self.pause()?;
+        // No device may write the memory being dropped (a host vsock peer, a frame from the tap); the
+        // next repurpose loads the devices' state anew, and `resume` refuses a parked VM.
+        self.devices
+            .pci
+            .pause_devices()
+            .map_err(SnapshotError::from)?;
         let before = crate::runner::process_memory_kib().0;
         for region in self.memory.iter() {
             // SAFETY: the range is this VM's guest RAM, every vCPU is parked, and MADV_DONTNEED keeps the
@@ -578,6 +648,11 @@ impl Vm {
                 .set_state(saved)
                 .map_err(|e| SnapshotError::Device(format!("serial: {e}")))?;
         }
+        // Devices are loaded (and live ones activated) before any vCPU runs; without saved state (an older
+        // template) they stay as created or reset.
+        if let Some(pci) = &state.pci {
+            self.devices.pci.set_state(pci)?;
+        }
         // The clock is loaded when the vCPUs start, so that time spent paused after the restore does not
         // count as guest time. Only guests that enabled kvmclock read it, and loading it can cost
         // milliseconds here, so guests without it skip that.
@@ -665,6 +740,7 @@ fn check_template_cached(
                 host,
                 &RestoreOptions {
                     serial: None,
+                    vsock: None,
                     ..options.clone()
                 },
             )?);
@@ -681,6 +757,9 @@ fn check_template_cached(
     if let Some(serial) = &options.serial {
         checked.config.serial = serial.clone();
     }
+    if let Some(vsock) = &options.vsock {
+        override_vsock(&mut checked.config, vsock)?;
+    }
     Ok(checked)
 }
 
@@ -693,9 +772,11 @@ fn check_template(
 ) -> Result<CheckedTemplate, SnapshotError> {
     let manifest = format::read_manifest(dir)?;
     let state_version = manifest.extra.get("state_version").and_then(|v| v.as_u64());
-    if state_version != Some(u64::from(STATE_VERSION)) {
+    if !state_version
+        .is_some_and(|v| (u64::from(MIN_STATE_VERSION)..=u64::from(STATE_VERSION)).contains(&v))
+    {
         return Err(SnapshotError::State(format!(
-            "state layout version {state_version:?} is not the supported {STATE_VERSION}"
+            "state layout version {state_version:?} is not one of the supported {MIN_STATE_VERSION}..={STATE_VERSION}"
         )));
     }
     if let Some(diff) = manifest.fingerprint.mismatch(host) {
@@ -709,6 +790,9 @@ fn check_template(
         serde_json::from_value(manifest.vm_config.clone()).map_err(SnapshotError::Config)?;
     if let Some(serial) = &options.serial {
         config.serial = serial.clone();
+    }
+    if let Some(vsock) = &options.vsock {
+        override_vsock(&mut config, vsock)?;
     }
     if state.vcpus.len() != config.cpus.boot_vcpus as usize {
         return Err(SnapshotError::State(format!(

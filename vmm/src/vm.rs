@@ -144,17 +144,19 @@ impl Vm {
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::SupportedCpuid)?;
-        Self::create_with_memory(kvm, config, memory, base_cpuid)
+        Self::create_with_memory(kvm, config, memory, base_cpuid, &Default::default())
     }
 
     /// Creates every resource of the VM around `memory` (fresh anonymous RAM for a boot, or a template's
     /// images for a restore).
     /// `base_cpuid` is KVM's supported CPUID (fetched once per VM: the ioctl costs ~0.3 ms here).
+    /// `placements` puts PCI devices where a template had them (empty for a boot).
     pub fn create_with_memory(
         kvm: Kvm,
         config: &VmConfig,
         memory: GuestMemoryMmap,
         base_cpuid: CpuId,
+        placements: &std::collections::BTreeMap<String, crate::pci_devices::Placement>,
     ) -> Result<Vm> {
         let created_at = Instant::now();
         let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
@@ -176,7 +178,7 @@ impl Vm {
             .set_tss_address(0xfffb_d000)
             .map_err(VmError::TssAddress)?;
 
-        let devices = DeviceManager::new(vm_fd.clone(), config, &memory)?;
+        let devices = DeviceManager::with_placements(vm_fd.clone(), config, &memory, placements)?;
 
         let mut vcpus = Vec::new();
         for id in 0..config.cpus.boot_vcpus {
@@ -420,6 +422,8 @@ impl Vm {
             return Err(VmError::Parked);
         }
         self.paused_state = None;
+        // Devices a snapshot paused serve again (a no-op for running ones).
+        self.devices.pci.resume_devices();
         if self.threads.is_empty() {
             if let Some(clock) = self.paused_clock.take() {
                 self.set_clock(clock);

@@ -16,6 +16,7 @@ use devices::exit::ExitReason;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::event_monitor;
+use crate::hotplug::HotplugRequest;
 use crate::vm::{self, Vm, VmError};
 
 /// Why the control loop ended.
@@ -115,32 +116,113 @@ impl Vmm {
         Ok(())
     }
 
-    /// Adds a device to a VM that has not booted (Cloud Hypervisor answers 204 then); hot-adding to a
-    /// running VM needs ACPI PCI hotplug, which this build does not have.
+    /// `vm.add-disk`, `-pmem`, `-net`, `-vsock`: before boot the device joins the configuration (204, as
+    /// Cloud Hypervisor answers); on a running or paused VM it is hot-plugged (200 with its id and PCI
+    /// address).
+    fn add_device(&mut self, request: HotplugRequest) -> ApiResponse {
+        let what = request.kind();
+        match (self.state(), self.vm.as_mut()) {
+            (None, _) => not_created(),
+            (Some(VmState::Created) | Some(VmState::Shutdown), _) => match request {
+                HotplugRequest::Disk(disk) => {
+                    self.cold_add(what, |c| c.disks.get_or_insert_with(Vec::new).push(disk))
+                }
+                HotplugRequest::Pmem(pmem) => {
+                    self.cold_add(what, |c| c.pmem.get_or_insert_with(Vec::new).push(pmem))
+                }
+                HotplugRequest::Net(_, fds) if !fds.is_empty() => {
+                    ApiResponse::not_available("passing tap fds with vm.add-net before boot")
+                }
+                HotplugRequest::Net(net, _) => {
+                    self.cold_add(what, |c| c.net.get_or_insert_with(Vec::new).push(net))
+                }
+                HotplugRequest::Vsock(_)
+                    if self.config.as_ref().is_some_and(|c| c.vsock.is_some()) =>
+                {
+                    ApiResponse::message(400, "the VM already has a vsock device")
+                }
+                HotplugRequest::Vsock(vsock) => self.cold_add(what, |c| c.vsock = Some(vsock)),
+            },
+            (Some(VmState::Running) | Some(VmState::Paused), Some(vm)) => {
+                match vm.hot_add(request) {
+                    Ok(info) => {
+                        self.config = Some(vm.config().clone());
+                        ApiResponse::json(&info)
+                    }
+                    Err(e) => {
+                        let mut chain = vec![format!("cannot add the {what}")];
+                        chain.extend(crate::error_chain_list(&e));
+                        ApiResponse::Error {
+                            status: e.status(),
+                            chain,
+                        }
+                    }
+                }
+            }
+            (Some(state), _) => invalid_state(&format!("add a {what} to"), state),
+        }
+    }
+
+    /// Adds a device to a VM that has not booted.
     fn cold_add(&mut self, what: &str, add: impl FnOnce(&mut VmConfig)) -> ApiResponse {
-        match self.state() {
-            None => not_created(),
-            Some(VmState::Created) | Some(VmState::Shutdown) => {
-                let Some(config) = self.config.as_ref() else {
+        let Some(config) = self.config.as_ref() else {
+            return not_created();
+        };
+        let mut config = config.clone();
+        add(&mut config);
+        if let Err(e) = config.validate() {
+            return ApiResponse::Error {
+                status: 400,
+                chain: vec![format!("cannot add the {what}"), e.to_string()],
+            };
+        }
+        if let Some(missing) = unsupported_feature(&config) {
+            return ApiResponse::not_available(missing);
+        }
+        self.config = Some(config);
+        ApiResponse::Empty
+    }
+
+    /// `vm.remove-device`: before boot the device leaves the configuration; on a running or paused VM the
+    /// guest is asked to eject it (204 at once; the device goes when the guest has ejected it).
+    fn remove_device(&mut self, id: &str) -> ApiResponse {
+        let unknown = || ApiResponse::message(404, format!("no device has id '{id}'"));
+        match (self.state(), self.vm.as_mut()) {
+            (None, _) => not_created(),
+            (Some(VmState::Created) | Some(VmState::Shutdown), _) => {
+                let Some(mut config) = self.config.clone() else {
                     return not_created();
                 };
-                let mut config = config.clone();
-                add(&mut config);
-                if let Err(e) = config.validate() {
-                    return ApiResponse::Error {
-                        status: 400,
-                        chain: vec![format!("cannot add the {what}"), e.to_string()],
-                    };
-                }
-                if let Some(missing) = unsupported_feature(&config) {
-                    return ApiResponse::not_available(missing);
+                if !crate::hotplug::remove_from_config(&mut config, id) {
+                    return unknown();
                 }
                 self.config = Some(config);
                 ApiResponse::Empty
             }
-            Some(_) => ApiResponse::not_available(&format!(
-                "hot-adding a {what} to a running VM (ACPI PCI hotplug)"
-            )),
+            (Some(VmState::Running) | Some(VmState::Paused), Some(vm)) => {
+                match vm.request_removal(id) {
+                    Ok(()) => ApiResponse::Empty,
+                    Err(e) => {
+                        let mut chain = vec![format!("cannot remove device '{id}'")];
+                        chain.extend(crate::error_chain_list(&e));
+                        ApiResponse::Error {
+                            status: e.status(),
+                            chain,
+                        }
+                    }
+                }
+            }
+            (Some(state), _) => invalid_state("remove a device from", state),
+        }
+    }
+
+    /// Lets go of the devices the guest ejected and drops them from the configuration.
+    fn complete_ejections(&mut self) {
+        let Some(vm) = self.vm.as_mut() else {
+            return;
+        };
+        if !vm.complete_ejections().is_empty() {
+            self.config = Some(vm.config().clone());
         }
     }
 
@@ -181,6 +263,7 @@ impl Vmm {
             mode: restore_mode(req.memory_restore_mode),
             serial: None,
             prefault: false,
+            vsock: None,
         };
         let Some(vm) = self.vm.as_mut() else {
             return not_created();
@@ -335,7 +418,7 @@ impl Vmm {
                         config: config.clone(),
                         state: self.state,
                         memory_actual_size: Some(config.memory.size),
-                        device_tree: Some(Default::default()),
+                        device_tree: Some(self.device_tree()),
                     })
                     .unwrap_or_default(),
                 ),
@@ -351,21 +434,16 @@ impl Vmm {
             R::VmResize(_) | R::VmResizeZone(_) | R::VmResizeDisk(_) => {
                 ApiResponse::not_available("resizing (CPU/memory hotplug is not in this build)")
             }
-            R::VmAddDisk(disk) => {
-                self.cold_add("disk", |c| c.disks.get_or_insert_with(Vec::new).push(disk))
+            R::VmAddDisk(disk) => self.add_device(HotplugRequest::Disk(disk)),
+            R::VmAddPmem(pmem) => self.add_device(HotplugRequest::Pmem(pmem)),
+            R::VmAddNet(net, fds) => self.add_device(HotplugRequest::Net(net, fds)),
+            R::VmAddVsock(vsock) => self.add_device(HotplugRequest::Vsock(vsock)),
+            R::VmRemoveDevice(req) => self.remove_device(&req.id),
+            R::VmAddFs(_) | R::VmAddDevice(_) | R::VmAddUserDevice(_) | R::VmAddVdpa(_) => {
+                ApiResponse::not_available(
+                    "virtio-fs, VFIO, vfio-user and vDPA devices (only disks, pmem, net and vsock)",
+                )
             }
-            R::VmAddPmem(pmem) => {
-                self.cold_add("pmem", |c| c.pmem.get_or_insert_with(Vec::new).push(pmem))
-            }
-            R::VmAddFs(_)
-            | R::VmAddNet(..)
-            | R::VmAddVsock(_)
-            | R::VmAddDevice(_)
-            | R::VmAddUserDevice(_)
-            | R::VmAddVdpa(_)
-            | R::VmRemoveDevice(_) => ApiResponse::not_available(
-                "device hotplug (PCI and virtio devices are not in this build yet)",
-            ),
             R::VmSnapshot(snapshot) => match (self.state(), self.vm.as_mut()) {
                 (None, _) => not_created(),
                 (Some(VmState::Paused), Some(vm)) => {
@@ -398,6 +476,7 @@ impl Vmm {
                         mode: restore_mode(restore.memory_restore_mode),
                         serial: None,
                         prefault: restore.prefault,
+                        vsock: None,
                     };
                     match crate::snapshot::url_to_path(&restore.source_url)
                         .map_err(VmError::from)
@@ -451,6 +530,22 @@ impl Vmm {
         }
     }
 
+    /// The PCI devices of the running VM by id, with their addresses (empty before boot).
+    fn device_tree(&self) -> std::collections::BTreeMap<String, api::models::DeviceNode> {
+        self.vm
+            .iter()
+            .flat_map(|vm| vm.devices().pci.devices())
+            .map(|(id, bdf)| {
+                let node = api::models::DeviceNode {
+                    id: id.clone(),
+                    pci_bdf: Some(bdf),
+                    ..Default::default()
+                };
+                (id, node)
+            })
+            .collect()
+    }
+
     fn counters(&self) -> serde_json::Value {
         let events = self
             .vm
@@ -474,7 +569,9 @@ impl Vmm {
     /// Serves API calls and guest exits until the process should end.
     pub fn run(&mut self) -> VmmExit {
         loop {
-            // Drain API calls first: they are what an operator is waiting on.
+            // Devices the guest ejected leave first, so that API calls see the VM as the guest does.
+            self.complete_ejections();
+            // Then API calls: they are what an operator is waiting on.
             if let Some(exit) = self.serve_api_calls() {
                 return exit;
             }
@@ -554,7 +651,7 @@ impl Vmm {
     }
 
     fn wait_for_events(&self) {
-        let mut fds = Vec::with_capacity(2);
+        let mut fds = Vec::with_capacity(3);
         if let Some((_, wake)) = &self.api {
             fds.push(libc::pollfd {
                 fd: wake.as_raw_fd(),
@@ -563,11 +660,13 @@ impl Vmm {
             });
         }
         if let Some(vm) = &self.vm {
-            fds.push(libc::pollfd {
-                fd: vm.exit_eventfd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            for fd in [vm.exit_eventfd(), vm.hotplug_eventfd()] {
+                fds.push(libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
         }
         // SAFETY: polls descriptors we own through pollfds on our stack. Without any, this just sleeps, which
         // only happens without an API and without a VM, a state `run` never waits in.

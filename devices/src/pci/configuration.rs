@@ -26,6 +26,15 @@ const BAR_MEM_TYPE_BITS: u32 = 0xf;
 
 pub const HEADER_TYPE_DEVICE: u8 = 0;
 
+/// Why saved configuration registers cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigStateError {
+    #[error("saved configuration space has {0} registers, expected {NUM_REGS}")]
+    Length(usize),
+    #[error("saved BAR {index} holds {value:#x}, but the BAR is fixed at {addr:#x}")]
+    BarMoved { index: usize, value: u32, addr: u64 },
+}
+
 /// What identifies a function in its header.
 #[derive(Clone, Copy, Debug)]
 pub struct PciHeader {
@@ -188,6 +197,49 @@ impl PciConfiguration {
         self.regs[reg] = new;
     }
 
+    /// Every register, for snapshots (only the guest-writable bits are ever loaded back).
+    pub fn registers(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Whether [`Self::load_writable`] would accept `saved`; changes nothing.
+    pub fn check_writable(&self, saved: &[u32]) -> Result<(), ConfigStateError> {
+        self.writable_image(saved).map(|_| ())
+    }
+
+    /// Loads the guest-writable bits of `saved` (registers from [`Self::registers`], untrusted), with the
+    /// checks guest writes get: read-only bits keep this function's values, and a BAR must hold its
+    /// assigned address or the sizing pattern. Nothing changes if `saved` is refused.
+    pub fn load_writable(&mut self, saved: &[u32]) -> Result<(), ConfigStateError> {
+        self.regs = self.writable_image(saved)?;
+        Ok(())
+    }
+
+    fn writable_image(&self, saved: &[u32]) -> Result<[u32; NUM_REGS], ConfigStateError> {
+        if saved.len() != NUM_REGS {
+            return Err(ConfigStateError::Length(saved.len()));
+        }
+        let mut regs = self.regs;
+        for (reg, (&value, &mask)) in saved.iter().zip(&self.writable).enumerate() {
+            let new = (regs[reg] & !mask) | (value & mask);
+            if let Some(bar) = reg
+                .checked_sub(BAR0_REG)
+                .and_then(|i| self.bars.get(i).copied().flatten())
+            {
+                let written = new & mask;
+                if written != mask && written != bar.addr as u32 & mask {
+                    return Err(ConfigStateError::BarMoved {
+                        index: bar.index,
+                        value,
+                        addr: bar.addr,
+                    });
+                }
+            }
+            regs[reg] = new;
+        }
+        Ok(regs)
+    }
+
     fn byte(&self, offset: usize) -> u8 {
         self.regs
             .get(offset / 4)
@@ -267,6 +319,43 @@ mod tests {
         assert!(c.add_bar(1, 0xc001_0000, 0x3000).is_err());
         assert!(c.add_bar(1, 0xc000_1000, 0x8000).is_err(), "misaligned");
         assert!(c.add_bar(6, 0xc001_0000, 0x8000).is_err());
+    }
+
+    #[test]
+    fn writable_bits_round_trip_and_bars_stay_fixed() {
+        let mut c = PciConfiguration::new(&header());
+        c.add_bar(0, 0xc000_8000, 0x8000).unwrap();
+        c.write_reg(1, 0, &[0x06]);
+        c.write_reg(0xf, 0, &[0x0b]);
+        let saved = c.registers();
+        let mut fresh = PciConfiguration::new(&header());
+        fresh.add_bar(0, 0xc000_8000, 0x8000).unwrap();
+        fresh.load_writable(&saved).unwrap();
+        assert_eq!(fresh.registers(), saved);
+        // Read-only bits of a hostile state are ignored: the identity stays.
+        let mut hostile = saved.clone();
+        hostile[0] = 0xdead_beef;
+        hostile[1] |= 0xffff_0000;
+        fresh.load_writable(&hostile).unwrap();
+        assert_eq!(fresh.read_reg(0), 0x1042_1af4);
+        assert_eq!(fresh.read_reg(1), saved[1]);
+        // A BAR elsewhere than its assigned address, or a truncated state, is refused untouched.
+        let mut moved = saved.clone();
+        moved[4] = 0xd000_0000;
+        assert!(matches!(
+            fresh.load_writable(&moved),
+            Err(ConfigStateError::BarMoved { index: 0, .. })
+        ));
+        assert!(matches!(
+            fresh.check_writable(&saved[..10]),
+            Err(ConfigStateError::Length(10))
+        ));
+        assert_eq!(fresh.registers(), saved);
+        // The sizing pattern is a value the guest may leave behind.
+        let mut sizing = saved;
+        sizing[4] = u32::MAX;
+        fresh.load_writable(&sizing).unwrap();
+        assert_eq!(fresh.read_reg(4), !(0x8000 - 1) & !0xf);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! PCI: configuration space, a root bus with a host bridge, config access through ECAM and the legacy
-//! 0xCF8/0xCFC ports, MSI-X, and the GSI routing table that MSI-X vectors (and the IOAPIC's pins) are
-//! delivered through.
+//! 0xCF8/0xCFC ports, MSI-X, the GSI routing table that MSI-X vectors (and the IOAPIC's pins) are
+//! delivered through, and the hotplug controller through which devices come and go while the guest runs.
 //!
 //! There is one segment and one bus (bus 0), function 0 of each slot only. BARs are 32-bit memory BARs
 //! placed by the VMM; a guest may size them (the all-ones protocol) but not move them.
 
 pub mod configuration;
+pub mod hotplug;
 pub mod msi;
 pub mod msix;
 pub mod root;
@@ -13,9 +14,12 @@ pub mod root;
 use std::fmt;
 
 pub use configuration::{PciBarInfo, PciConfiguration, PciHeader};
+pub use hotplug::PciHotplug;
 pub use msi::{GsiRoutingBackend, InterruptRouter, IoapicRouteSender, RouterError};
 pub use msix::{MsixConfig, MsixState, MsixTableEntry};
-pub use root::{PciBarBusDevice, PciConfigIo, PciConfigMmio, PciRoot};
+pub use root::{
+    PciBarBusDevice, PciBarWindow, PciConfigIo, PciConfigMmio, PciRoot, SharedPciDevice,
+};
 
 /// Bus/device/function of a device on segment 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -60,6 +64,8 @@ pub enum PciError {
     InvalidBar(usize),
     #[error("BAR size {0:#x} is not a power of two of at least 16 bytes")]
     InvalidBarSize(u64),
+    #[error("cannot decode a BAR at {0:#x}: {1}")]
+    BarPlacement(u64, String),
     #[error("no room for a {size:#x}-byte BAR in the PCI window")]
     BarSpace {
         size: u64,
@@ -84,6 +90,14 @@ impl BarAllocator {
     pub fn allocate(&mut self, size: u64) -> Result<u64, PciError> {
         self.inner
             .allocate(size, size, vm_allocator::AllocPolicy::FirstMatch)
+            .map(|r| r.start())
+            .map_err(|source| PciError::BarSpace { size, source })
+    }
+
+    /// The `size`-byte range at `addr` exactly (a BAR a restored guest already knows).
+    pub fn allocate_at(&mut self, addr: u64, size: u64) -> Result<u64, PciError> {
+        self.inner
+            .allocate(size, size, vm_allocator::AllocPolicy::ExactMatch(addr))
             .map(|r| r.start())
             .map_err(|source| PciError::BarSpace { size, source })
     }
@@ -133,5 +147,11 @@ mod tests {
         a.free(0xc000_8000, 0x8000).unwrap();
         assert_eq!(a.allocate(0x8000).unwrap(), 0xc000_8000);
         assert!(a.allocate(0x4000_0000).is_err());
+        // Exact placement: free, aligned and inside the window only.
+        assert_eq!(a.allocate_at(0xc001_0000, 0x8000).unwrap(), 0xc001_0000);
+        assert!(a.allocate_at(0xc001_0000, 0x8000).is_err(), "taken");
+        assert!(a.allocate_at(0xc002_1000, 0x8000).is_err(), "unaligned");
+        assert!(a.allocate_at(0xe000_0000, 0x8000).is_err(), "outside");
+        assert_eq!(a.allocate(0x8000).unwrap(), 0xc001_8000);
     }
 }

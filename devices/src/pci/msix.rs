@@ -98,6 +98,8 @@ pub enum MsixError {
     Irqfd(#[source] std::io::Error),
     #[error("saved MSI-X state has {0} vectors, the device has {1}")]
     StateSize(usize, usize),
+    #[error("saved MSI-X vector {0} sets reserved Vector Control bits")]
+    StateReserved(usize),
 }
 
 struct Vector {
@@ -276,17 +278,34 @@ impl MsixConfig {
         }
     }
 
-    /// Restores the registers and reinstalls every vector's route. Nothing is delivered.
-    pub fn set_state(&mut self, state: &MsixState) -> Result<(), MsixError> {
+    /// Whether `state` (untrusted) fits this table; changes nothing.
+    pub fn check_state(&self, state: &MsixState) -> Result<(), MsixError> {
         if state.table.len() != self.table.len() || state.pending.len() != self.table.len() {
             return Err(MsixError::StateSize(state.table.len(), self.table.len()));
         }
-        self.table = state.table.clone();
+        // A guest cannot set them (writes mask them off), so a state that has them was not made here.
+        if let Some(v) = state
+            .table
+            .iter()
+            .position(|e| e.vector_ctrl & !VECTOR_CTRL_MASKED != 0)
+        {
+            return Err(MsixError::StateReserved(v));
+        }
+        Ok(())
+    }
+
+    /// Restores the registers and the routes of the vectors whose entry changes (each route change rewrites
+    /// KVM's whole routing table, so unchanged ones are left alone). Nothing is delivered.
+    pub fn set_state(&mut self, state: &MsixState) -> Result<(), MsixError> {
+        self.check_state(state)?;
+        let old = std::mem::replace(&mut self.table, state.table.clone());
         self.pending = state.pending.clone();
         self.enabled = state.enabled;
         self.function_masked = state.function_masked;
-        for v in 0..self.table.len() {
-            self.update_route(v);
+        for (v, entry) in old.iter().enumerate() {
+            if *entry != self.table[v] {
+                self.update_route(v);
+            }
         }
         Ok(())
     }
@@ -401,6 +420,19 @@ mod tests {
         assert!(backend.last().contains(&(24, 0xfee0_2000, 0x51)));
         let mut bad = state.clone();
         bad.table.pop();
+        assert!(matches!(
+            m2.set_state(&bad),
+            Err(MsixError::StateSize(1, 2))
+        ));
+        let mut bad = state.clone();
+        bad.pending.push(false);
         assert!(m2.set_state(&bad).is_err());
+        let mut bad = state.clone();
+        bad.table[1].vector_ctrl = 0x8000_0001;
+        assert!(matches!(
+            m2.set_state(&bad),
+            Err(MsixError::StateReserved(1))
+        ));
+        assert_eq!(m2.state(), state, "a refused state changes nothing");
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use crate::bus::BusDevice;
+use crate::bus::{Bus, BusDevice};
 use crate::pci::configuration::{PciConfiguration, PciHeader};
 use crate::pci::{PciBdf, PciDevice, PciError};
 
@@ -85,6 +85,15 @@ impl PciRoot {
         }
         self.devices.insert(slot, device);
         Ok(PciBdf::new(0, slot, 0))
+    }
+
+    pub fn has_device(&self, slot: u8) -> bool {
+        self.devices.contains_key(&slot)
+    }
+
+    /// The function in `slot`, if any.
+    pub fn device_at(&self, slot: u8) -> Option<SharedPciDevice> {
+        self.devices.get(&slot).cloned()
     }
 
     pub fn remove_device(&mut self, slot: u8) -> Option<SharedPciDevice> {
@@ -242,6 +251,80 @@ impl BusDevice for PciConfigIo {
                 .unwrap_or_else(|e| e.into_inner())
                 .config_write(bus, slot, function, reg, offset - DATA_OFFSET, data);
         }
+    }
+}
+
+/// The PCI memory window as one range of the VMM's MMIO bus, dispatching to the BARs inside it.
+///
+/// The VMM's bus is shared read-only with the vCPU threads once they run; BARs of hot-plugged devices come
+/// and go after that, so they live here, behind the window's own lock. An access that hits no BAR reads as
+/// all ones (a master abort) and writes go nowhere, as for an empty slot's BAR range on real hardware.
+pub struct PciBarWindow {
+    base: u64,
+    size: u64,
+    /// Keyed by guest-physical address; the bus hands each BAR device its offset within the BAR.
+    bars: Bus,
+}
+
+impl PciBarWindow {
+    pub fn new(base: u64, size: u64) -> Self {
+        Self {
+            base,
+            size,
+            bars: Bus::new(),
+        }
+    }
+
+    /// Decodes every memory BAR of `device` (as its `bars()` reports them) from now on.
+    pub fn insert_device(&mut self, device: &SharedPciDevice) -> Result<(), PciError> {
+        let bars = lock(device).bars();
+        for (n, bar) in bars.iter().enumerate() {
+            let inside = bar.addr >= self.base
+                && bar
+                    .addr
+                    .checked_add(bar.size)
+                    .is_some_and(|end| end <= self.base + self.size);
+            let placed = if inside {
+                let bar_device =
+                    Arc::new(Mutex::new(PciBarBusDevice::new(device.clone(), bar.index)));
+                self.bars
+                    .insert(bar_device, bar.addr, bar.size)
+                    .map_err(|e| PciError::BarPlacement(bar.addr, e.to_string()))
+            } else {
+                Err(PciError::BarPlacement(
+                    bar.addr,
+                    format!("outside the PCI window {:#x}+{:#x}", self.base, self.size),
+                ))
+            };
+            if let Err(e) = placed {
+                // All or nothing: the BARs placed so far go again.
+                for earlier in &bars[..n] {
+                    self.bars.remove(earlier.addr);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops decoding the BARs of `device`; returns how many were removed.
+    pub fn remove_device(&mut self, device: &SharedPciDevice) -> usize {
+        let bars = lock(device).bars();
+        bars.iter()
+            .filter(|bar| self.bars.remove(bar.addr).is_some())
+            .count()
+    }
+}
+
+impl BusDevice for PciBarWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if self.bars.read(self.base + offset, data).is_err() {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let _ = self.bars.write(self.base + offset, data);
     }
 }
 
@@ -409,6 +492,35 @@ mod tests {
         let mut d = [0xaa; 4];
         bar.read(0, &mut d);
         assert_eq!(d, [0; 4]);
+    }
+
+    #[test]
+    fn bar_window_dispatches_and_forgets_removed_devices() {
+        let mut window = PciBarWindow::new(0xc000_0000, 0x2000_0000);
+        let dummy: SharedPciDevice = Arc::new(Mutex::new(Dummy::new()));
+        window.insert_device(&dummy).unwrap();
+        window.write(0x10, &[5, 6]);
+        let mut d = [0xaau8; 2];
+        window.read(0x10, &mut d);
+        assert_eq!(d, [0, 0], "the dummy's BAR reads zeros");
+        let mut miss = [0u8; 4];
+        window.read(0x1000, &mut miss);
+        assert_eq!(miss, [0xff; 4], "no BAR there");
+        // The same BAR twice overlaps.
+        assert!(matches!(
+            window.insert_device(&dummy),
+            Err(PciError::BarPlacement(0xc000_0000, _))
+        ));
+        assert_eq!(window.remove_device(&dummy), 1);
+        assert_eq!(window.remove_device(&dummy), 0);
+        window.read(0x10, &mut d);
+        assert_eq!(d, [0xff; 2]);
+        // A BAR outside the window is refused.
+        let mut narrow = PciBarWindow::new(0xd000_0000, 0x1000);
+        assert!(matches!(
+            narrow.insert_device(&dummy),
+            Err(PciError::BarPlacement(0xc000_0000, _))
+        ));
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //!
 //! A device is split in two: the [`VirtioDevice`] object owned by the transport (features, config space,
 //! lifecycle) and, once the driver sets DRIVER_OK, a worker thread that owns the queues and serves
-//! notifications. Reset stops the worker and drops the queues.
+//! notifications. Reset stops the worker and drops the queues; pause stops it but keeps them, so that a
+//! snapshot can read the queues (and write guest memory that no device changes meanwhile) and the device
+//! can serve on afterwards. A restore loads the saved state into a reset device and activates it on the
+//! saved queue positions.
 
 pub mod block;
 pub mod chain;
@@ -96,6 +99,12 @@ pub enum SnapshotError {
     Unsupported(&'static str),
     #[error("invalid saved state: {0}")]
     InvalidState(String),
+    #[error("{0} is serving its queues: pause it before reading its state")]
+    NotPaused(&'static str),
+    #[error("{0}: data path")]
+    Worker(&'static str, #[source] worker::WorkerError),
+    #[error("{0} is active: reset it before loading a state")]
+    Active(&'static str),
 }
 
 /// Saved state of a device's queues, for snapshots (a serde mirror of virtio-queue's `QueueState`).
@@ -112,12 +121,70 @@ pub struct QueueSnapshot {
     pub event_idx_enabled: bool,
 }
 
-/// A device's saved state: its negotiated features and queues plus device-specific bytes.
+impl From<virtio_queue::QueueState> for QueueSnapshot {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for virtio_queue::QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+/// A device's saved state: its negotiated features, its live queues (one per queue, in index order, while
+/// the device is active; none otherwise) plus device-specific bytes (each device documents its layout).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioDeviceState {
     pub acked_features: u64,
     pub queues: Vec<QueueSnapshot>,
     pub device: Vec<u8>,
+}
+
+/// The checks every device makes of a saved state: features it offers, and the device-specific bytes it
+/// expects (`device_bytes`, compared exactly when given).
+pub fn check_common_state(
+    name: &str,
+    offered: u64,
+    state: &VirtioDeviceState,
+    device_bytes: Option<&[u8]>,
+) -> Result<(), SnapshotError> {
+    let extra = state.acked_features & !offered;
+    if extra != 0 {
+        return Err(SnapshotError::InvalidState(format!(
+            "{name}: acknowledged features {extra:#x} were never offered"
+        )));
+    }
+    if let Some(expected) = device_bytes {
+        if state.device != expected {
+            return Err(SnapshotError::InvalidState(format!(
+                "{name}: device-specific state {:02x?} does not match this device ({expected:02x?})",
+                state.device
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A virtio device, independent of its transport.
@@ -141,9 +208,28 @@ pub trait VirtioDevice: Send {
     /// A short name for logs.
     fn name(&self) -> &'static str;
 
+    // Snapshots. A device that does not implement them fails loudly rather than restoring half a device.
+
+    /// Stops the data path without losing anything: until [`Self::resume`] the device touches neither
+    /// guest memory nor its queues (its backends may still buffer host-side input). Idempotent; a no-op
+    /// for a device that is not active.
+    fn pause(&mut self) -> Result<(), SnapshotError> {
+        Err(SnapshotError::Unsupported(self.name()))
+    }
+    /// Serves again after [`Self::pause`].
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    /// The device's state; an active device must be paused.
     fn state(&self) -> Result<VirtioDeviceState, SnapshotError> {
         Err(SnapshotError::Unsupported(self.name()))
     }
+    /// Whether `state` (untrusted) can be loaded into this device; changes nothing.
+    fn check_state(&self, _state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        Err(SnapshotError::Unsupported(self.name()))
+    }
+    /// Loads `state` into a reset device (checked with [`Self::check_state`] first). The queues are the
+    /// transport's to hand over: it activates the device with them afterwards.
     fn set_state(&mut self, _state: &VirtioDeviceState) -> Result<(), SnapshotError> {
         Err(SnapshotError::Unsupported(self.name()))
     }
@@ -161,6 +247,8 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+#[cfg(test)]
+mod state_tests;
 #[cfg(test)]
 pub(crate) mod test_util;
 
@@ -199,12 +287,31 @@ pub fn serve_available(
             .map_err(|e| format!("used ring: {e}"))?;
         completed += 1;
     }
-    if completed > 0
-        && queue
-            .needs_notification(mem)
-            .map_err(|e| format!("used ring: {e}"))?
-    {
+    if completed > 0 && needs_interrupt(queue, mem)? {
         interrupt.trigger(VirtioInterruptType::Queue(queue_index));
     }
     Ok(())
+}
+
+/// The available ring flag by which a driver without VIRTIO_F_EVENT_IDX asks not to be interrupted.
+pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for what was just put in `queue`'s used ring: its used_event
+/// index when VIRTIO_F_EVENT_IDX was negotiated (virtio-queue's check), else the available ring's
+/// VIRTQ_AVAIL_F_NO_INTERRUPT flag (§2.7.7.1), which virtio-queue does not look at. A polling driver
+/// (Linux NAPI) sets it to spare itself interrupts.
+pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemory) -> Result<bool, String> {
+    use virtio_queue::QueueT;
+    use vm_memory::Bytes;
+    // Always asked: it also resets the count of used entries added since the last check.
+    let by_event_idx = queue
+        .needs_notification(mem)
+        .map_err(|e| format!("used ring: {e}"))?;
+    if queue.event_idx_enabled() {
+        return Ok(by_event_idx);
+    }
+    let flags: u16 = mem
+        .read_obj(vm_memory::GuestAddress(queue.avail_ring()))
+        .map_err(|e| format!("available ring flags: {e}"))?;
+    Ok(flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
 }

@@ -29,9 +29,9 @@ use crate::pci::msix::{MsixConfig, MsixError, MSIX_CTRL_OFFSET};
 use crate::pci::{PciDevice, PciError};
 use crate::virtio::chain::{check_segment, Segment};
 use crate::virtio::{
-    ActivateContext, ActiveQueue, GuestMemory, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
-    STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
+    ActivateContext, ActiveQueue, GuestMemory, QueueSnapshot, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER,
+    STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR,
 };
 use crate::warn_ratelimited;
 
@@ -127,7 +127,13 @@ struct PciInterrupt {
     status: AtomicU8,
     isr: AtomicU8,
     state: Mutex<InterruptState>,
+    /// Told of every interrupt the device raises, delivered or not (see
+    /// [`VirtioPciDevice::set_interrupt_observer`]).
+    observer: std::sync::OnceLock<InterruptObserver>,
 }
+
+/// Called whenever a device raises an interrupt condition.
+pub type InterruptObserver = Arc<dyn Fn() + Send + Sync>;
 
 impl PciInterrupt {
     fn lock(&self) -> MutexGuard<'_, InterruptState> {
@@ -154,6 +160,10 @@ impl VirtioInterrupt for PciInterrupt {
         };
         if vector != VIRTIO_MSI_NO_VECTOR && !state.msix.trigger(vector) {
             warn_ratelimited!("virtio-pci: interrupt while MSI-X is disabled (no INTx): dropped");
+        }
+        drop(state);
+        if let Some(observer) = self.observer.get() {
+            observer();
         }
     }
 
@@ -213,6 +223,9 @@ pub struct VirtioPciDevice {
     driver_feature_select: u32,
     driver_features: u64,
     queue_select: u16,
+    /// Nothing here changes the device configuration under the driver, so this only carries a restored
+    /// value over (a driver comparing generations across a snapshot sees no change).
+    config_generation: u8,
     msix_cap: usize,
     pci_cfg_cap: usize,
 }
@@ -289,6 +302,7 @@ impl VirtioPciDevice {
                 config_vector: VIRTIO_MSI_NO_VECTOR,
                 queue_vectors: vec![VIRTIO_MSI_NO_VECTOR; max_sizes.len()],
             }),
+            observer: std::sync::OnceLock::new(),
         });
         Ok(Self {
             id,
@@ -303,9 +317,17 @@ impl VirtioPciDevice {
             driver_feature_select: 0,
             driver_features: 0,
             queue_select: 0,
+            config_generation: 0,
             msix_cap,
             pci_cfg_cap,
         })
+    }
+
+    /// Has `observer` called on every interrupt condition the device raises (ISR set), whether or not a
+    /// vector delivers it: the VMM wakes a guest waiting in its idle device, as an interrupt ends `hlt`.
+    /// Set once; later calls are ignored.
+    pub fn set_interrupt_observer(&self, observer: InterruptObserver) {
+        let _ = self.interrupt.observer.set(observer);
     }
 
     pub fn id(&self) -> &str {
@@ -396,7 +418,7 @@ impl VirtioPciDevice {
         put(CONFIG_MSIX_VECTOR, state.config_vector.into());
         put((0x12, 2), self.queues.len() as u64);
         put(DEVICE_STATUS, self.status().into());
-        put((0x15, 1), 0); // config_generation: the config space never changes under the driver
+        put((0x15, 1), self.config_generation.into());
         put(QUEUE_SELECT, self.queue_select.into());
         let select = usize::from(self.queue_select);
         if let Some(q) = self.selected_queue() {
@@ -583,7 +605,7 @@ impl VirtioPciDevice {
                 return;
             }
             self.set_status_bits(STATUS_DRIVER_OK);
-            if let Err(e) = self.activate() {
+            if let Err(e) = self.activate(None) {
                 warn_ratelimited!("virtio-pci: {}: activation failed: {e}", self.id);
                 self.interrupt.set_needs_reset();
             }
@@ -608,7 +630,12 @@ impl VirtioPciDevice {
         Ok(())
     }
 
-    fn activate(&mut self) -> Result<(), crate::virtio::ActivateError> {
+    /// Starts the device on the enabled queues: from their start, or (a restore) from the positions in
+    /// `progress` (one per queue).
+    fn activate(
+        &mut self,
+        progress: Option<&[QueueSnapshot]>,
+    ) -> Result<(), crate::virtio::ActivateError> {
         use crate::virtio::ActivateError;
         let mut queues = Vec::new();
         for (index, q) in self.queues.iter().enumerate() {
@@ -616,7 +643,13 @@ impl VirtioPciDevice {
                 continue;
             }
             self.check_rings(q).map_err(ActivateError::Device)?;
-            let queue = Queue::try_from(q.state())
+            let mut state = q.state();
+            if let Some(saved) = progress.and_then(|p| p.get(index)) {
+                state.next_avail = saved.next_avail;
+                state.next_used = saved.next_used;
+                state.event_idx_enabled = saved.event_idx_enabled;
+            }
+            let queue = Queue::try_from(state)
                 .map_err(|e| ActivateError::Device(format!("queue {index}: {e}")))?;
             let event = self.queue_events[index]
                 .try_clone()
@@ -772,5 +805,8 @@ impl Drop for VirtioPciDevice {
     }
 }
 
+mod state;
 #[cfg(test)]
 mod tests;
+
+pub use state::{PciQueueState, VirtioPciState};

@@ -48,6 +48,13 @@ pub const SIGNAL_PMEM_READ: u32 = 0x110;
 pub const SIGNAL_PMEM_DONE: u32 = 0x111;
 /// `blkread`: the image is in guest RAM, before `hold` (arg = checksum).
 pub const SIGNAL_BLKREAD_DONE: u32 = 0x112;
+/// `devstate`: every device is initialised and used; snapshot now (arg = workload id).
+pub const SIGNAL_DEVSTATE_READY: u32 = 0x120;
+/// `devstate`: a restored copy used its devices without re-initialising them (arg = low 64 bits of the
+/// generation ID).
+pub const SIGNAL_DEVSTATE_RESTORED: u32 = 0x121;
+/// `devstate`: a device check after a closed connection passed (arg = checks so far).
+pub const SIGNAL_DEVSTATE_CHECKED: u32 = 0x122;
 
 /// Workload ids (the argument of READY / WORKLOAD_START).
 pub const WORKLOAD_ID_BOOT: u64 = 1;
@@ -68,6 +75,8 @@ pub const WORKLOAD_ID_BLKREAD: u64 = 17;
 pub const WORKLOAD_ID_VSOCK: u64 = 24;
 /// `function` (the warm pool's guest).
 pub const WORKLOAD_ID_FUNCTION: u64 = 25;
+/// `devstate` (virtio device state across snapshots; 31: clear of the ids other workloads take).
+pub const WORKLOAD_ID_DEVSTATE: u64 = 31;
 
 /// FAILURE arguments.
 pub const FAIL_UNKNOWN_WORKLOAD: u64 = 1;
@@ -106,3 +115,27 @@ pub const SERVICE_OUTW: u64 = 3;
 pub const SERVICE_INW: u64 = 4;
 pub const SERVICE_OUTL: u64 = 5;
 pub const SERVICE_INL: u64 = 6;
+
+/// The VMM's PCI hotplug controller (MMIO, 32-bit registers; the DSDT's `\_SB_.PCI0.PHPR`; the test guest
+/// does not evaluate AML, so it uses the documented address).
+pub const HOTPLUG_BASE: u64 = 0xfe00_3000;
+/// "TRHP" read as a little-endian u32.
+pub const HOTPLUG_MAGIC: u32 = 0x5048_5254;
+pub const HOTPLUG_REG_MAGIC: u64 = 0x00;
+pub const HOTPLUG_REG_VERSION: u64 = 0x04;
+/// Slots with a device added since the last read (read clears).
+pub const HOTPLUG_REG_SLOTS_ADDED: u64 = 0x08;
+/// Slots whose device the VMM asks the guest to eject (read clears).
+pub const HOTPLUG_REG_SLOTS_TO_EJECT: u64 = 0x0c;
+/// Write a slot bitmap: the guest is done with those devices; they leave the bus at once.
+pub const HOTPLUG_REG_EJECT: u64 = 0x10;
+/// Slots that hold a device now.
+pub const HOTPLUG_REG_SLOTS_PRESENT: u64 = 0x14;
+/// `hotplug` (30: clear of the ids other workloads take).
+pub const WORKLOAD_ID_HOTPLUG: u64 = 30;
+/// `hotplug`: a device appeared (arg = slot).
+pub const SIGNAL_HOTPLUG_ADDED: u32 = 0x130;
+/// `hotplug`: a hot-added disk was read (arg = checksum of the sectors read).
+pub const SIGNAL_HOTPLUG_BLK_READ: u32 = 0x131;
+/// `hotplug`: a device was reset and ejected (arg = slot).
+pub const SIGNAL_HOTPLUG_EJECTED: u32 = 0x132;

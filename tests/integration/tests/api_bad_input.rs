@@ -160,7 +160,8 @@ fn bad_requests_leave_the_vmm_serving_and_the_guest_running() {
                 "",
                 r#"{"path":"/nonexistent"}"#,
             ),
-            501,
+            // A hot-plugged disk whose file cannot be opened is the caller's mistake.
+            400,
         ),
         (
             head(

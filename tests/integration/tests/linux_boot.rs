@@ -196,13 +196,15 @@ fn early_boot_problems(log: &str, cmdline: &str) -> Vec<String> {
     if !lines.iter().any(|l| l.starts_with(RSDP_LINE_PREFIX)) {
         problems.push(format!("no `{RSDP_LINE_PREFIX}` line"));
     }
-    // Tables Linux dislikes show up as ACPICA errors or warnings, or as firmware-bug lines naming ACPI.
+    // Tables Linux dislikes show up as ACPICA errors or warnings, or as firmware-bug lines naming ACPI;
+    // AML that fails when Linux runs it (a method of the DSDT, _OSC) as an ACPICA status code (AE_...).
     for l in lines.iter().filter(|l| {
         l.starts_with("ACPI BIOS Error")
             || l.starts_with("ACPI Error")
             || l.starts_with("ACPI BIOS Warning")
             || l.starts_with("ACPI Warning")
             || (l.contains("[Firmware Bug]") && l.contains("ACPI"))
+            || (l.contains("AE_") && l.to_ascii_lowercase().contains("acpi"))
     }) {
         problems.push(format!("ACPI complaint: `{l}`"));
     }
@@ -520,6 +522,14 @@ fn early_boot_check_parses_a_kernel_log() {
         "{log}[    0.1] ACPI BIOS Warning (bug): Invalid length for FADT/Pm1aControlBlock\r\n"
     );
     assert_eq!(early_boot_problems(&complaint, cmdline).len(), 1);
+    let aml_failure = format!(
+        "{log}[    0.2] acpi PNP0A08:00: _OSC: platform retains control of PCIe features (AE_NOT_FOUND)\r\n"
+    );
+    assert_eq!(early_boot_problems(&aml_failure, cmdline).len(), 1);
+    let aml_error = format!(
+        "{log}[    0.2] ACPI Error: Aborting method \\_SB.PCI0.PSCN due to previous error (AE_NOT_FOUND) (20220331/psparse-529)\r\n"
+    );
+    assert_eq!(early_boot_problems(&aml_error, cmdline).len(), 1);
 
     // The TSC firmware-bug line this host's AMD CPUs cause is not about the boot protocol.
     let tsc = log.replace(

@@ -198,6 +198,23 @@ fn restore_through_the_api_stays_paused_until_resumed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_template_from_before_device_state_restores_with_fresh_devices() {
+    let dir = copy_template("state-v1");
+    rewrite_state(&dir, 1, |s| {
+        let state = s.as_object_mut().unwrap();
+        state.remove("pci");
+        state.insert("version".into(), 1.into());
+    });
+    let mut vmm = spawn_restore(&dir, "cow");
+    check_restored(&restored_line(&vmm), template());
+    vmm.kill();
+    // A layout newer than this trenv knows is refused.
+    let dir = copy_template("state-v3");
+    rewrite_state(&dir, 3, |_| {});
+    assert_restore_refused(&dir, "state layout version");
+}
+
 /// Copies the shared template so a test can damage its copy.
 fn copy_template(name: &str) -> PathBuf {
     let dir = scratch(name).join("template");
@@ -227,6 +244,24 @@ fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let hex = String::from_utf8(digest.stdout).unwrap();
     let hex = hex.split_whitespace().next().unwrap();
     std::fs::write(dir.join("manifest.json.sha256"), format!("{hex}\n")).unwrap();
+}
+
+/// Edits the template's state.json and re-digests it, so that only the edited meaning is wrong.
+fn rewrite_state(dir: &Path, state_version: u64, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut state);
+    let bytes = serde_json::to_vec(&state).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let digest = Command::new("sha256sum").arg(&path).output().unwrap();
+    let hex = String::from_utf8(digest.stdout).unwrap();
+    let hex = hex.split_whitespace().next().unwrap().to_string();
+    rewrite_manifest(dir, |m| {
+        m["state"]["sha256"] = serde_json::json!(hex);
+        m["state"]["size"] = serde_json::json!(bytes.len());
+        m["extra"]["state_version"] = serde_json::json!(state_version);
+    });
 }
 
 fn flip_byte(path: &Path, offset: usize) {
@@ -301,6 +336,54 @@ fn broken_templates_are_refused_clearly() {
     let dir = copy_template("missing-state");
     std::fs::remove_file(dir.join("state.json")).unwrap();
     assert_restore_refused(&dir, "state.json");
+
+    // Device state is checked as hostile input: each of these is refused with the reason, never a panic.
+    type Edit = fn(&mut serde_json::Value);
+    let device_cases: [(&str, Edit, &str); 6] = [
+        (
+            "queue-size",
+            |d| d["state"]["queues"][0]["size"] = 3.into(),
+            "queue 0",
+        ),
+        (
+            "msix-vector",
+            |d| d["state"]["config_msix_vector"] = 100.into(),
+            "MSI-X vector 100",
+        ),
+        // A BAR elsewhere in the PCI window is honoured (the device goes where the template had it); one
+        // in guest RAM is not.
+        (
+            "bar-in-ram",
+            |d| d["state"]["config_space"][4] = 0x0010_0000u32.into(),
+            "BAR",
+        ),
+        (
+            "features",
+            |d| d["state"]["driver_features"] = (1u64 << 40).into(),
+            "never offered",
+        ),
+        (
+            "ring-outside-ram",
+            |d| {
+                d["state"]["queues"][0]["ready"] = true.into();
+                d["state"]["queues"][0]["used_ring"] = (1u64 << 40).into();
+            },
+            "outside guest memory",
+        ),
+        (
+            "device-type",
+            |d| d["state"]["device_type"] = 2.into(),
+            "device type",
+        ),
+    ];
+    for (name, edit, expected) in device_cases {
+        let dir = copy_template(&format!("device-{name}"));
+        rewrite_state(&dir, 2, |s| edit(&mut s["pci"][0]));
+        assert_restore_refused(&dir, expected);
+    }
+    let dir = copy_template("device-missing");
+    rewrite_state(&dir, 2, |s| s["pci"] = serde_json::json!([]));
+    assert_restore_refused(&dir, "do not match");
 
     let missing = scratch("missing-dir").join("nothing-here");
     let output = Command::new(TRENV)

@@ -1,7 +1,9 @@
 //! `trenv-pool --config FILE --socket PATH [--trenv PATH] [--work-dir DIR]`: a warm pool of trenv sandboxes
 //! serving `POST /invoke/{function}` on a Unix socket (see `vmm::pool`). SIGTERM or SIGINT stops it and
-//! kills every sandbox.
+//! kills every sandbox; if it is killed outright, its sandboxes die with it (parent-death signal), and the
+//! next pool on the same work directory removes what was left there.
 
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,7 +33,7 @@ struct Args {
     /// The trenv binary (default: `trenv` beside this binary).
     #[arg(long)]
     trenv: Option<PathBuf>,
-    /// Where sandboxes get their directories (default: a fresh one under the temporary directory).
+    /// Where sandboxes get their directories (default: SOCKET.sandboxes). One pool at a time uses it.
     #[arg(long)]
     work_dir: Option<PathBuf>,
 }
@@ -44,22 +46,31 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot find this binary: {e}"))?
             .with_file_name("trenv"),
     };
-    let work_dir = args
-        .work_dir
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("trenv-pool-{}", std::process::id())));
+    let work_dir = args.work_dir.unwrap_or_else(|| {
+        let mut dir = args.socket.clone().into_os_string();
+        dir.push(".sandboxes");
+        PathBuf::from(dir)
+    });
+    // A socket left by a pool that was killed is replaced; one that a live pool answers on is not.
+    if UnixStream::connect(&args.socket).is_ok() {
+        return Err(format!(
+            "another process serves on {}",
+            args.socket.display()
+        ));
+    }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    let _ = std::fs::remove_file(&args.socket);
-    let listener = std::os::unix::net::UnixListener::bind(&args.socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
     let drain = Duration::from_millis(config.invoke_timeout_ms.saturating_mul(3));
     let pool = Arc::new(
         Pool::new(config, trenv, work_dir.clone())
             .map_err(|e| format!("cannot start the pool: {e}"))?,
     );
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = UnixListener::bind(&args.socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
     println!("trenv-pool: serving on {}", args.socket.display());
     http::serve(pool.clone(), listener, &STOP, drain);
     drop(pool);

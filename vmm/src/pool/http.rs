@@ -134,13 +134,18 @@ fn handle(pool: &Pool, mut stream: UnixStream) {
             let status = match e {
                 InvokeError::UnknownFunction(_) => 404,
                 InvokeError::BadPayload => 400,
-                InvokeError::Busy | InvokeError::ShuttingDown => 503,
+                InvokeError::Busy { .. }
+                | InvokeError::MemoryCap { .. }
+                | InvokeError::ShuttingDown => 503,
                 InvokeError::Sandbox { .. } => 502,
             };
             respond(&mut stream, status, &[], &format!("{e}\n"));
         }
     }
 }
+
+/// How often the accept loop looks at its stop flag while no client connects.
+const STOP_CHECK_MS: libc::c_int = 100;
 
 /// Serves until `stop` is set, then waits (up to `drain`) for requests in flight to finish, so that the
 /// sandboxes they hold are back in the pool (and killed with it) before the caller drops the pool.
@@ -172,7 +177,15 @@ pub fn serve(pool: Arc<Pool>, listener: UnixListener, stop: &AtomicBool, drain: 
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
+                // Block until a client connects (an invocation must not wait for a polling tick), waking
+                // now and then to notice `stop`.
+                let mut fds = [libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: polls one descriptor we own through a pollfd on our stack.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, STOP_CHECK_MS) };
             }
             Err(e) => {
                 log::warn!("accept: {e}");

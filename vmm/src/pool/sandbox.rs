@@ -1,5 +1,6 @@
 //! One sandbox: a `trenv` process restored from a function's template, in a directory of its own (its API
-//! socket, the vsock socket its template names relatively, and its console and log output).
+//! socket, its vsock socket, its console and log output, and a `pid` file for cleaning up after a pool
+//! that was killed).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -10,9 +11,14 @@ use std::time::{Duration, Instant};
 use api::client::ApiClient;
 
 use super::config::SANDBOX_VSOCK;
+use super::spawner;
 
 /// The longest answer line a guest may send.
 const MAX_ANSWER: usize = 4096;
+/// How long a VMM whose connection closed may take to be seen exiting.
+const EXIT_GRACE: Duration = Duration::from_millis(300);
+/// The name of the file in a sandbox directory that holds its VMM's pid.
+pub const PID_FILE: &str = "pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -28,30 +34,49 @@ pub enum SandboxError {
     },
     #[error("the sandbox's VMM did not come up: {0}")]
     NotReady(String),
+    #[error("the template cannot be used: {0}")]
+    Template(String),
     #[error("repurposing failed: {0}")]
     Repurpose(String),
+    #[error("parking failed: {0}")]
+    Park(String),
     #[error("the guest did not answer: {0}")]
     Guest(String),
+    #[error("the sandbox's VMM exited mid-invocation ({status}){console}")]
+    Exited { status: String, console: String },
+}
+
+/// How to start a sandbox.
+pub struct Launch<'a> {
+    pub trenv: &'a Path,
+    pub dir: PathBuf,
+    pub id: u64,
+    pub template: &'a Path,
+    /// Run the guest at once (else it stays paused, e.g. to be parked).
+    pub resume: bool,
+    pub timeout: Duration,
 }
 
 pub struct Sandbox {
     pub id: u64,
-    pub function: String,
     dir: PathBuf,
     child: Child,
     api: ApiClient,
 }
 
 impl Sandbox {
-    /// Starts `trenv` restoring `template` (resumed), and waits for its API.
-    pub fn restore(
-        trenv: &Path,
-        dir: PathBuf,
-        id: u64,
-        function: &str,
-        template: &Path,
-        timeout: Duration,
-    ) -> Result<Sandbox, SandboxError> {
+    /// Starts `trenv` restoring the template, with the template's vsock device on this sandbox's own
+    /// socket, and waits for its API.
+    pub fn restore(launch: Launch<'_>) -> Result<Sandbox, SandboxError> {
+        let Launch {
+            trenv,
+            dir,
+            id,
+            template,
+            resume,
+            timeout,
+        } = launch;
+        let cid = super::config::template_vsock_cid(template).map_err(SandboxError::Template)?;
         std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Dir {
             path: dir.clone(),
             source,
@@ -64,32 +89,36 @@ impl Sandbox {
         };
         let api_socket = dir.join("api.sock");
         let restore = format!(
-            "source_url=file://{},memory_restore_mode=cow,resume=on",
-            template.display()
+            "source_url=file://{},memory_restore_mode=cow,resume={}",
+            template.display(),
+            if resume { "on" } else { "off" }
         );
-        // The template's own vsock (relative `vsock.sock`) and serial settings apply: the sandbox runs in
-        // its directory, and keeping the template's devices as they are lets repurposing work in place.
-        let child = Command::new(trenv)
+        let mut command = Command::new(trenv);
+        command
             .current_dir(&dir)
             .arg("--api-socket")
             .arg(&api_socket)
             .arg("--restore")
             .arg(&restore)
+            // Relative to the sandbox directory (no comma or length trouble with long paths); the
+            // template's serial settings stay, so repurposing keeps the devices as they are.
+            .arg("--vsock")
+            .arg(format!("cid={cid},socket={SANDBOX_VSOCK}"))
             .stdin(Stdio::null())
             .stdout(file("console.log")?)
-            .stderr(file("vmm.log")?)
-            .spawn()
-            .map_err(|source| SandboxError::Spawn {
-                binary: trenv.to_path_buf(),
-                source,
-            })?;
+            .stderr(file("vmm.log")?);
+        let child = spawner::spawn(command).map_err(|source| SandboxError::Spawn {
+            binary: trenv.to_path_buf(),
+            source,
+        })?;
         let mut sandbox = Sandbox {
             id,
-            function: function.to_string(),
             dir,
             child,
             api: ApiClient::new(api_socket).with_timeout(timeout),
         };
+        // Best effort: only a later pool's cleanup of this directory reads it.
+        let _ = std::fs::write(sandbox.dir.join(PID_FILE), sandbox.child.id().to_string());
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = sandbox.child.try_wait() {
@@ -106,13 +135,13 @@ impl Sandbox {
             if Instant::now() >= deadline {
                 return Err(SandboxError::NotReady("no API within the timeout".into()));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
-    /// Switches the running VM to another function's template (`vm.repurpose`). Returns whether it was
-    /// done in place.
-    pub fn repurpose(&mut self, function: &str, template: &Path) -> Result<bool, SandboxError> {
+    /// Switches the VM to another function's template (`vm.repurpose`). Returns whether it was done in
+    /// place.
+    pub fn repurpose(&mut self, template: &Path) -> Result<bool, SandboxError> {
         let body = serde_json::json!({
             "template": format!("file://{}", template.display()),
             "resume": true,
@@ -122,15 +151,25 @@ impl Sandbox {
             .call("PUT", "vm.repurpose", Some(&body.to_string()), &[])
             .map_err(|e| SandboxError::Repurpose(e.to_string()))?
             .map_err(|(status, e)| SandboxError::Repurpose(format!("{status}: {e}")))?;
-        self.function = function.to_string();
         let value: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
         Ok(value["in_place"].as_bool().unwrap_or(false))
     }
 
+    /// Pauses the VM and drops its guest memory (`vm.park`): it costs the VMM's own memory until its next
+    /// repurpose.
+    pub fn park(&mut self) -> Result<(), SandboxError> {
+        self.api
+            .call("PUT", "vm.park", None, &[])
+            .map_err(|e| SandboxError::Park(e.to_string()))?
+            .map_err(|(status, e)| SandboxError::Park(format!("{status}: {e}")))?;
+        Ok(())
+    }
+
     /// Sends one request line to the guest's `port` through the hybrid vsock socket and returns its answer
-    /// line. A guest whose device is not up yet (just restored) is retried until the deadline.
+    /// line. A guest whose device is not up yet (just restored) is retried until the deadline; a VMM that
+    /// exits (a crashed guest powers off) ends the wait at once.
     pub fn invoke(
-        &self,
+        &mut self,
         port: u32,
         payload: &str,
         timeout: Duration,
@@ -138,21 +177,61 @@ impl Sandbox {
         let deadline = Instant::now() + timeout;
         let socket = self.dir.join(SANDBOX_VSOCK);
         loop {
-            match exchange(&socket, port, payload, deadline) {
+            let failure = match exchange(&socket, port, payload, deadline) {
                 Ok(answer) => return Ok(answer),
                 Err(Attempt::Retry(e)) if Instant::now() < deadline => {
+                    if let Some(exited) = self.exited(Duration::ZERO) {
+                        return Err(exited);
+                    }
                     log::debug!("sandbox {}: {e}; retrying", self.id);
                     std::thread::sleep(Duration::from_millis(2));
+                    continue;
                 }
-                Err(Attempt::Retry(e)) | Err(Attempt::Fatal(e)) => {
-                    return Err(SandboxError::Guest(e))
-                }
-            }
+                Err(Attempt::Retry(e)) | Err(Attempt::Fatal(e)) => e,
+            };
+            // A connection that broke is most often a VMM that is going away: say that, not "closed".
+            return Err(self
+                .exited(EXIT_GRACE)
+                .unwrap_or(SandboxError::Guest(failure)));
         }
+    }
+
+    /// If the VMM has exited (waiting up to `grace` for it), why, with the end of its console output.
+    fn exited(&mut self, grace: Duration) -> Option<SandboxError> {
+        let deadline = Instant::now() + grace;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                _ => return None,
+            }
+        };
+        let console = std::fs::read(self.dir.join("console.log")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&console);
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        Some(SandboxError::Exited {
+            status: status.to_string(),
+            console: if last.is_empty() {
+                String::new()
+            } else {
+                format!("; its console ends with: {}", last.trim())
+            },
+        })
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the VMM process has exited (and is reaped).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
 }
 
@@ -182,6 +261,14 @@ fn read_line(stream: &mut UnixStream, limit: usize, deadline: Instant) -> Result
             Ok(_) if line.len() >= limit => return Err("line too long".into()),
             Ok(_) => line.push(byte[0]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err("timed out".into())
+            }
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -220,5 +307,67 @@ impl Drop for Sandbox {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes sandbox directories a previous pool left in `work_dir` (it was killed), killing any VMM still
+/// running in one (its pid file names it, and its working directory must be that directory, so a reused
+/// pid is never hit). Returns how many directories were removed.
+pub fn remove_stale(work_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let path = entry.path();
+        if !name.to_string_lossy().starts_with("sandbox-") || !path.is_dir() {
+            continue;
+        }
+        let pid = std::fs::read_to_string(path.join(PID_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|&p| p > 0);
+        if let Some(pid) = pid {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+            if cwd.is_some() && cwd == std::fs::canonicalize(&path).ok() {
+                log::warn!("killing VMM {pid} left running in {}", path.display());
+                // SAFETY: kill has no memory-safety preconditions; the pid was checked just above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if std::fs::remove_dir_all(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_only_stale_sandbox_directories() {
+        let dir = std::env::temp_dir().join(format!("trenv-pool-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["sandbox-1", "sandbox-7", "other"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        // A pid file naming a live process that does not run there (this test) must not get it killed.
+        std::fs::write(
+            dir.join("sandbox-1").join(PID_FILE),
+            std::process::id().to_string(),
+        )
+        .unwrap();
+        std::fs::write(dir.join("sandbox-9"), "a file, not a sandbox").unwrap();
+        assert_eq!(remove_stale(&dir), 2);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["other", "sandbox-9"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

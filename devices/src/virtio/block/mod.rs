@@ -13,10 +13,11 @@ use std::sync::Arc;
 
 use virtio_queue::Queue;
 
-use crate::virtio::worker::{QueueHandler, Worker};
+use crate::virtio::worker::{pause_worker, resume_worker, saved_queues, QueueHandler, Worker};
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    check_common_state, read_config_bytes, ActivateContext, ActivateError, GuestMemory,
+    SnapshotError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 pub use request::{RequestError, MAX_REQUEST_BYTES, SECTOR_SIZE};
@@ -228,6 +229,44 @@ impl VirtioDevice for Block {
     fn name(&self) -> &'static str {
         "virtio-blk"
     }
+
+    fn pause(&mut self) -> Result<(), SnapshotError> {
+        let name = self.name();
+        pause_worker(&mut self.worker, name)
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        resume_worker(&mut self.worker)
+    }
+
+    /// Device bytes: the capacity in sectors (le64) the guest was told. Requests run synchronously, so a
+    /// paused device has nothing in flight beyond its queue.
+    fn state(&self) -> Result<VirtioDeviceState, SnapshotError> {
+        Ok(VirtioDeviceState {
+            acked_features: self.acked_features,
+            queues: saved_queues(&self.worker, self.name())?,
+            device: self.capacity_sectors.to_le_bytes().to_vec(),
+        })
+    }
+
+    /// A disk whose size changed since the snapshot is refused: the guest's view of it would be wrong.
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        check_common_state(
+            self.name(),
+            self.features(),
+            state,
+            Some(&self.capacity_sectors.to_le_bytes()),
+        )
+    }
+
+    fn set_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        if self.worker.is_some() {
+            return Err(SnapshotError::Active(self.name()));
+        }
+        self.check_state(state)?;
+        self.acked_features = state.acked_features;
+        Ok(())
+    }
 }
 
 /// The backing file as requests see it.
@@ -258,6 +297,10 @@ impl QueueHandler for BlockHandler {
         crate::virtio::serve_available(queue, mem, interrupt.as_ref(), 0, "virtio-blk", |chain| {
             request::process(disk, mem, chain)
         })
+    }
+
+    fn queues(&self) -> Vec<&Queue> {
+        vec![&self.queue]
     }
 }
 

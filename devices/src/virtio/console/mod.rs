@@ -13,10 +13,11 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::virtio::chain::{parse_checked, ParsedChain};
-use crate::virtio::worker::{QueueHandler, Worker};
+use crate::virtio::worker::{pause_worker, resume_worker, saved_queues, QueueHandler, Worker};
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, TYPE_CONSOLE, VIRTIO_F_VERSION_1,
+    check_common_state, read_config_bytes, ActivateContext, ActivateError, GuestMemory,
+    SnapshotError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VirtioInterruptType,
+    TYPE_CONSOLE, VIRTIO_F_VERSION_1,
 };
 use crate::warn_ratelimited;
 
@@ -101,6 +102,7 @@ pub struct Console {
     output: ConsoleOutput,
     input: Arc<ConsoleInput>,
     queue_sizes: [u16; 2],
+    acked_features: u64,
     worker: Option<Worker>,
 }
 
@@ -111,6 +113,7 @@ impl Console {
             output: Arc::new(Mutex::new(output)),
             input: Arc::new(ConsoleInput::new()?),
             queue_sizes: [QUEUE_SIZE; 2],
+            acked_features: 0,
             worker: None,
         })
     }
@@ -134,7 +137,9 @@ impl VirtioDevice for Console {
         1 << VIRTIO_F_VERSION_1
     }
 
-    fn ack_features(&mut self, _features: u64) {}
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // No F_SIZE / F_MULTIPORT / F_EMERG_WRITE: the fields are present but unused (all zero).
@@ -185,10 +190,44 @@ impl VirtioDevice for Console {
         if let Some(mut worker) = self.worker.take() {
             worker.stop();
         }
+        self.acked_features = 0;
     }
 
     fn name(&self) -> &'static str {
         "virtio-console"
+    }
+
+    fn pause(&mut self) -> Result<(), SnapshotError> {
+        let name = self.name();
+        pause_worker(&mut self.worker, name)
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        resume_worker(&mut self.worker)
+    }
+
+    /// Nothing beyond the queues: host input not yet delivered is host-side state (the console socket or
+    /// terminal of this process) and does not belong to the guest's template; output is written as soon
+    /// as the guest transmits it.
+    fn state(&self) -> Result<VirtioDeviceState, SnapshotError> {
+        Ok(VirtioDeviceState {
+            acked_features: self.acked_features,
+            queues: saved_queues(&self.worker, self.name())?,
+            device: Vec::new(),
+        })
+    }
+
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        check_common_state(self.name(), self.features(), state, Some(&[]))
+    }
+
+    fn set_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        if self.worker.is_some() {
+            return Err(SnapshotError::Active(self.name()));
+        }
+        self.check_state(state)?;
+        self.acked_features = state.acked_features;
+        Ok(())
     }
 }
 
@@ -217,11 +256,7 @@ impl ConsoleHandler {
         } else {
             &mut self.tx
         };
-        if completed > 0
-            && queue
-                .needs_notification(&self.mem)
-                .map_err(|e| format!("used ring: {e}"))?
-        {
+        if completed > 0 && crate::virtio::needs_interrupt(queue, &self.mem)? {
             self.interrupt.trigger(VirtioInterruptType::Queue(which));
         }
         Ok(())
@@ -347,6 +382,10 @@ impl QueueHandler for ConsoleHandler {
             EVENT_TX => self.drain_tx(),
             _ => Ok(()),
         }
+    }
+
+    fn queues(&self) -> Vec<&Queue> {
+        vec![&self.rx, &self.tx]
     }
 }
 

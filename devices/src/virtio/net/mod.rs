@@ -13,18 +13,19 @@
 mod tap;
 
 use std::io::IoSlice;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::virtio::chain::{parse_checked, ParsedChain};
+use crate::virtio::worker::{
+    pause_worker, resume_worker, saved_queues, QueueHandler, Source, Worker,
+};
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, TYPE_NET, VIRTIO_F_VERSION_1,
+    check_common_state, read_config_bytes, ActivateContext, ActivateError, GuestMemory,
+    SnapshotError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VirtioInterruptType, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 use crate::warn_ratelimited;
 
@@ -71,7 +72,8 @@ pub struct Net {
     mtu: Option<u16>,
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 2],
-    worker: Option<NetWorker>,
+    acked_features: u64,
+    worker: Option<Worker>,
 }
 
 impl Net {
@@ -90,6 +92,7 @@ impl Net {
             mtu: params.mtu,
             config,
             queue_sizes: [size; 2],
+            acked_features: 0,
             worker: None,
         })
     }
@@ -120,7 +123,9 @@ impl VirtioDevice for Net {
         f
     }
 
-    fn ack_features(&mut self, _features: u64) {}
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
@@ -148,8 +153,19 @@ impl VirtioDevice for Net {
             self.tap.try_clone().map_err(ActivateError::Thread)?,
             ctx.interrupt.clone(),
         );
+        // The tap is waited on edge-triggered and read by the handler (see `TOKEN_TAP`).
+        let tap_fd: OwnedFd = handler
+            .tap
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(ActivateError::Thread)?;
+        let sources = vec![
+            Source::Event(rx.event),
+            Source::Event(tx.event),
+            Source::Edge(tap_fd),
+        ];
         self.worker = Some(
-            NetWorker::spawn(handler, rx.event, tx.event, ctx.interrupt)
+            Worker::spawn_sources("net", sources, Box::new(handler), ctx.interrupt)
                 .map_err(ActivateError::Thread)?,
         );
         Ok(())
@@ -159,10 +175,44 @@ impl VirtioDevice for Net {
         if let Some(mut worker) = self.worker.take() {
             worker.stop();
         }
+        self.acked_features = 0;
     }
 
     fn name(&self) -> &'static str {
         "virtio-net"
+    }
+
+    fn pause(&mut self) -> Result<(), SnapshotError> {
+        let name = self.name();
+        pause_worker(&mut self.worker, name)
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        resume_worker(&mut self.worker)
+    }
+
+    /// Nothing beyond the queues: a frame read from the tap and not yet delivered stays with the paused
+    /// device (delivered after a resume) but is not part of a snapshot; a restored guest has lost it, as
+    /// a frame lost on a wire.
+    fn state(&self) -> Result<VirtioDeviceState, SnapshotError> {
+        Ok(VirtioDeviceState {
+            acked_features: self.acked_features,
+            queues: saved_queues(&self.worker, self.name())?,
+            device: Vec::new(),
+        })
+    }
+
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        check_common_state(self.name(), self.features(), state, Some(&[]))
+    }
+
+    fn set_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        if self.worker.is_some() {
+            return Err(SnapshotError::Active(self.name()));
+        }
+        self.check_state(state)?;
+        self.acked_features = state.acked_features;
+        Ok(())
     }
 }
 
@@ -217,10 +267,7 @@ impl NetHandler {
         } else {
             &mut self.tx
         };
-        if queue
-            .needs_notification(&self.mem)
-            .map_err(|e| format!("used ring: {e}"))?
-        {
+        if crate::virtio::needs_interrupt(queue, &self.mem)? {
             self.interrupt.trigger(VirtioInterruptType::Queue(which));
         }
         Ok(())
@@ -378,104 +425,26 @@ impl NetHandler {
     }
 }
 
-const TOKEN_RX: u64 = 0;
-const TOKEN_TX: u64 = 1;
-const TOKEN_TAP: u64 = 2;
-const TOKEN_STOP: u64 = 3;
+/// Worker source indices: the two queues' notifications, then the tap (an edge: it has frames).
+const TOKEN_RX: usize = 0;
+const TOKEN_TX: usize = 1;
+const TOKEN_TAP: usize = 2;
 
-/// The device's thread: epoll over the queue notifications, the tap and a stop event.
-struct NetWorker {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl NetWorker {
-    fn spawn(
-        mut handler: NetHandler,
-        rx_event: EventFd,
-        tx_event: EventFd,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> std::io::Result<Self> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        let add = |fd: i32, events: EventSet, token: u64| {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
-        };
-        add(rx_event.as_raw_fd(), EventSet::IN, TOKEN_RX)?;
-        add(tx_event.as_raw_fd(), EventSet::IN, TOKEN_TX)?;
-        add(
-            handler.tap.as_raw_fd(),
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            TOKEN_TAP,
-        )?;
-        let thread_stop = stop.try_clone()?;
-        add(thread_stop.as_raw_fd(), EventSet::IN, TOKEN_STOP)?;
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || {
-                let _stop = thread_stop;
-                let mut ready = [EpollEvent::default(); 8];
-                let mut broken = false;
-                loop {
-                    let n = match epoll.wait(-1, &mut ready) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("virtio-net: epoll failed, device stops: {e}");
-                            interrupt.set_needs_reset();
-                            return;
-                        }
-                    };
-                    for ev in &ready[..n] {
-                        let token = ev.data();
-                        match token {
-                            TOKEN_STOP => return,
-                            TOKEN_RX => {
-                                let _ = rx_event.read();
-                            }
-                            TOKEN_TX => {
-                                let _ = tx_event.read();
-                            }
-                            _ => handler.tap_readable = true,
-                        }
-                        if broken {
-                            continue;
-                        }
-                        let result = if token == TOKEN_TX {
-                            handler.process_tx()
-                        } else {
-                            handler.process_rx()
-                        };
-                        if let Err(e) = result {
-                            warn_ratelimited!("virtio-net: {e}; device needs reset");
-                            interrupt.set_needs_reset();
-                            broken = true;
-                        }
-                    }
-                }
-            })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn stop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Err(e) = self.stop.write(1) {
-                log::error!("cannot stop the virtio-net worker: {e}");
-                return;
+impl QueueHandler for NetHandler {
+    fn handle_queue(&mut self, index: usize) -> Result<(), String> {
+        match index {
+            TOKEN_TX => self.process_tx(),
+            TOKEN_RX => self.process_rx(),
+            TOKEN_TAP => {
+                self.tap_readable = true;
+                self.process_rx()
             }
-            if thread.join().is_err() {
-                log::error!("the virtio-net worker panicked");
-            }
+            _ => Ok(()),
         }
     }
-}
 
-impl Drop for NetWorker {
-    fn drop(&mut self) {
-        self.stop();
+    fn queues(&self) -> Vec<&Queue> {
+        vec![&self.rx, &self.tx]
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::io::IoSlice;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// struct virtio_net_hdr_v1 without mergeable buffers' field being optional: always 12 bytes with
 /// VIRTIO_F_VERSION_1 (§5.1.6).
@@ -296,6 +296,12 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

@@ -273,6 +273,11 @@ impl Backend {
         }
     }
 
+    /// A TRANSPORT_RESET event waits for an event buffer.
+    pub(crate) fn reset_pending(&self) -> bool {
+        self.reset_pending
+    }
+
     #[cfg(test)]
     pub(crate) fn connection_count(&self) -> usize {
         self.conns.len()
@@ -284,9 +289,7 @@ impl Backend {
             1 => &mut self.tx,
             _ => &mut self.events,
         };
-        if q.needs_notification(&self.mem)
-            .map_err(|e| format!("used ring: {e}"))?
-        {
+        if crate::virtio::needs_interrupt(q, &self.mem)? {
             self.interrupt.trigger(VirtioInterruptType::Queue(queue));
         }
         Ok(())
@@ -1105,6 +1108,10 @@ impl QueueHandler for Backend {
             }
             _ => Ok(()),
         }
+    }
+
+    fn queues(&self) -> Vec<&Queue> {
+        vec![&self.rx, &self.tx, &self.events]
     }
 }
 

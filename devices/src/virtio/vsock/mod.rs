@@ -30,9 +30,10 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio::worker::Worker;
+use crate::virtio::worker::{pause_worker, resume_worker, saved_queues, Worker};
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    check_common_state, read_config_bytes, ActivateContext, ActivateError, SnapshotError,
+    VirtioDevice, VirtioDeviceState, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use backend::Backend;
 
@@ -96,8 +97,12 @@ pub struct Vsock {
     listener: UnixListener,
     queue_sizes: [u16; 3],
     control: Arc<Control>,
+    acked_features: u64,
     worker: Option<Worker>,
 }
+
+/// Device-specific bytes of a saved vsock device: `le64 guest_cid; u8 reset_pending`.
+const STATE_LEN: usize = 9;
 
 /// Binds `path`, replacing a stale socket file left by an earlier VMM (anything else there is an error).
 fn listen(path: &Path) -> Result<UnixListener, VsockError> {
@@ -136,6 +141,7 @@ impl Vsock {
                 event,
                 reset_requested: AtomicBool::new(false),
             }),
+            acked_features: 0,
             worker: None,
         })
     }
@@ -181,7 +187,9 @@ impl VirtioDevice for Vsock {
         1 << VIRTIO_F_VERSION_1
     }
 
-    fn ack_features(&mut self, _features: u64) {}
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; } (§5.10.4)
@@ -239,10 +247,84 @@ impl VirtioDevice for Vsock {
         if let Some(mut worker) = self.worker.take() {
             worker.stop();
         }
+        self.acked_features = 0;
     }
 
     fn name(&self) -> &'static str {
         "virtio-vsock"
+    }
+
+    /// While paused, host clients wait in the listener's backlog and socket data in the kernel's buffers.
+    fn pause(&mut self) -> Result<(), SnapshotError> {
+        let name = self.name();
+        pause_worker(&mut self.worker, name)
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        resume_worker(&mut self.worker)
+    }
+
+    /// The queues (the event queue included) plus the CID the guest was given and whether a
+    /// TRANSPORT_RESET event still waits for an event buffer. Connections are host-side state: they survive
+    /// a pause and resume, but not a restore (see [`ResetHandle::reset_connections`]).
+    fn state(&self) -> Result<VirtioDeviceState, SnapshotError> {
+        let name = self.name();
+        let reset_pending = self
+            .worker
+            .as_ref()
+            .and_then(|w| w.handler())
+            .and_then(|h| (h as &dyn std::any::Any).downcast_ref::<Backend>())
+            .is_some_and(Backend::reset_pending);
+        let mut device = self.config.cid.to_le_bytes().to_vec();
+        device.push(u8::from(reset_pending));
+        Ok(VirtioDeviceState {
+            acked_features: self.acked_features,
+            queues: saved_queues(&self.worker, name)?,
+            device,
+        })
+    }
+
+    /// Another CID than the saved one is accepted: the guest re-reads it on the TRANSPORT_RESET a restore
+    /// sends.
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        check_common_state(self.name(), self.features(), state, None)?;
+        let bad = |why: String| Err(SnapshotError::InvalidState(format!("virtio-vsock: {why}")));
+        let Ok(bytes) = <[u8; STATE_LEN]>::try_from(state.device.as_slice()) else {
+            return bad(format!(
+                "{} device-specific bytes, expected {STATE_LEN}",
+                state.device.len()
+            ));
+        };
+        let mut cid = [0u8; 8];
+        cid.copy_from_slice(&bytes[..8]);
+        let cid = u64::from_le_bytes(cid);
+        if !(3..=MAX_GUEST_CID).contains(&cid) {
+            return bad(format!("saved guest CID {cid} is not a valid guest CID"));
+        }
+        if bytes[8] > 1 {
+            return bad(format!("reset_pending is {}, not 0 or 1", bytes[8]));
+        }
+        Ok(())
+    }
+
+    fn set_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        if self.worker.is_some() {
+            return Err(SnapshotError::Active(self.name()));
+        }
+        self.check_state(state)?;
+        self.acked_features = state.acked_features;
+        let cid = u64::from_le_bytes(state.device[..8].try_into().unwrap_or_default());
+        if cid != self.config.cid {
+            log::info!(
+                "virtio-vsock: guest CID {cid} in the snapshot, {} now: the guest learns it at the transport reset",
+                self.config.cid
+            );
+        }
+        if state.device[8] == 1 {
+            // The event goes out once the transport activates the device.
+            self.control.reset_requested.store(true, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 

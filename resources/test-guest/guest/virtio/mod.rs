@@ -111,8 +111,13 @@ pub struct Dma {
 impl Dma {
     /// Claims `len` bytes of usable RAM above the image and below the MMIO hole.
     pub fn new(map: &e820::Map, len: u64) -> Option<Dma> {
+        Self::new_above(map, 0, len)
+    }
+
+    /// Like [`Dma::new`], at or above `min`: for a second arena beside one claimed with `new`.
+    pub fn new_above(map: &e820::Map, min: u64, len: u64) -> Option<Dma> {
         let image_end = crate::image_range().1;
-        let base = map.find_usable(image_end, len, MMIO_HOLE_START)?;
+        let base = map.find_usable(image_end.max(min), len, MMIO_HOLE_START)?;
         Some(Dma {
             arena: Arena::new(base, len),
         })
@@ -266,6 +271,11 @@ impl Device {
 
     fn set_status(&self, status: u8) {
         self.common.write8(COMMON_DEVICE_STATUS, status);
+    }
+
+    /// Resets the device (status 0, §4.1.4.3.1): it stops using its queues and guest memory.
+    pub fn reset(&self) {
+        self.set_status(0);
     }
 
     /// Marks the device FAILED (the driver gave up, §3.1.1).

@@ -8,9 +8,10 @@
 //! align4(..)              used ring         flags, idx, ring[size] {id u32, len u32}, avail_event, 4-aligned
 //! ```
 //! Indices are free-running u16 counters; a ring slot is `idx % size`, consistent across the wrap because
-//! the size is a power of two. The driver never asks for interrupts (it polls the used index, see
-//! AVAIL_F_NO_INTERRUPT) and keeps its free list privately, so a device that scribbles on descriptors
-//! cannot corrupt it.
+//! the size is a power of two. The driver polls the used index but leaves interrupts on (no
+//! AVAIL_F_NO_INTERRUPT): with no MSI-X vector nothing is delivered, yet the VMM's guest-idle device ends a
+//! wait when a device raises one, as an interrupt ends `hlt`. It keeps its free list privately, so a device
+//! that scribbles on descriptors cannot corrupt it.
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -167,7 +168,8 @@ impl<M: RingMemory> SplitQueue<M> {
         for (i, n) in next.iter_mut().enumerate().take(usize::from(layout.size)) {
             *n = (i as u16).wrapping_add(1);
         }
-        mem.write_u16(layout.avail, AVAIL_F_NO_INTERRUPT);
+        // Interrupts stay on: they are what wakes this guest from an idle wait.
+        mem.write_u16(layout.avail, 0);
         mem.write_u16(layout.avail_idx(), 0);
         mem.write_u16(layout.used, 0);
         mem.write_u16(layout.used_idx(), 0);

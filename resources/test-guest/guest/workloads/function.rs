@@ -1,13 +1,18 @@
 //! `function seed=S heap=H port=P`: a function runtime that a warm pool serves invocations with.
 //!
 //! Builds an H MiB heap from the seed (like `serve`), prints `function: heap ..`, signals SERVE_HEAP and
-//! READY: the host takes the function's template here, before the guest touches the vsock device (virtio
-//! device state is not saved in templates). It then waits for the VM generation ID to change (a restore or
+//! READY: the host takes the function's template here, before the guest touches the vsock device (so one
+//! template serves any vsock socket the pool gives a sandbox). It then waits for the VM generation ID to change (a restore or
 //! a repurpose from the template), brings up the vsock device and serves connections on port P. Each request
 //! line `<n>\n` is answered `<seed> <checksum>\n`: the checksum sums [`READ_PAGES`] heap pages chosen from n
 //! (never written, so the host can recompute it from the seed), and [`WRITE_PAGES`] pages of the heap's
 //! scratch tail are written (the instance's private state). A later generation change re-initialises the
-//! device (a restore reset it) and keeps serving.
+//! device (every host connection is gone in a clone) and keeps serving.
+//!
+//! Control lines, for testing a pool's failure handling (any order, space-separated): `dirty=M` writes one
+//! word in each page of M MiB above the heap (private memory the host sees grow), `sleep=MS` answers only
+//! after MS ms of host time, `crash` raises #UD (the fault reporter signals FAILURE and powers off, so the
+//! VMM exits mid-invocation). The answer is `<seed> ok sleep=MS dirty=M`.
 
 use super::Context;
 use crate::cmdline::{self, Tokens};
@@ -24,6 +29,8 @@ const PAGE: u64 = 4096;
 const MAX_CONNS: usize = 8;
 const BUF_ALLOC: u32 = 64 << 10;
 const LINE_MAX: usize = 32;
+/// The longest `sleep=` a request may ask for.
+const MAX_SLEEP_MS: u64 = 600_000;
 /// Heap pages read per request.
 pub const READ_PAGES: u64 = 4;
 /// Pages of the scratch tail written per request.
@@ -86,6 +93,19 @@ struct Heap {
     base: u64,
     pages: u64,
     seed: u64,
+    /// Free usable RAM above the heap that `dirty=` writes: (start, bytes).
+    spare: (u64, u64),
+}
+
+/// What one request line asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Request {
+    Sum(u64),
+    Control {
+        sleep_ms: u64,
+        dirty_mib: u64,
+        crash: bool,
+    },
 }
 
 impl Heap {
@@ -109,6 +129,29 @@ impl Heap {
         }
         sum
     }
+
+    /// Carries out a control line; returns false if it cannot (too much to dirty).
+    fn control(&self, sleep_ms: u64, dirty_mib: u64, crash: bool) -> bool {
+        let dirty = dirty_mib.saturating_mul(MIB);
+        if dirty > self.spare.1 {
+            return false;
+        }
+        for page in 0..dirty / PAGE {
+            // SAFETY: inside the spare RAM above the heap (usable, identity-mapped, ours alone).
+            unsafe { ((self.spare.0 + page * PAGE) as *mut u64).write_volatile(page) };
+        }
+        if let Some(start) = signal::now_ns() {
+            let until = start.saturating_add(sleep_ms.saturating_mul(1_000_000));
+            while signal::now_ns().is_some_and(|now| now < until) {
+                signal::idle();
+            }
+        }
+        if crash {
+            // SAFETY: faults on purpose; the exception stub reports it and powers off, never returning.
+            unsafe { core::arch::asm!("ud2") };
+        }
+        true
+    }
 }
 
 fn device_error(e: virtio::Error) -> u64 {
@@ -124,6 +167,8 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
         })
     };
     let (seed, heap_mib, port) = (param("seed", 1)?, param("heap", 4)?, param("port", 5000)?);
+    // `cold=1`: also serve right after this boot (a cold start, as the trace benchmark's `fresh` policy).
+    let cold = param("cold", 0)? != 0;
     // Read first, so that a template taken at any later point is seen as a clone.
     let mut generation = signal::generation();
     if heap_mib == 0 || heap_mib > 1024 || port > u64::from(u32::MAX) {
@@ -151,20 +196,33 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
     println!("function: heap mib={heap_mib} seed={seed} base={base:#x} checksum={checksum:#018x}");
     signal::send(SIGNAL_SERVE_HEAP, base);
     signal::send(SIGNAL_READY, WORKLOAD_ID_FUNCTION);
+    // The usable RAM between the heap and the end of its e820 entry is free for `dirty=`.
+    let heap_end = base + len;
+    let spare_end = ctx
+        .e820
+        .entries()
+        .iter()
+        .find(|e| e.kind == crate::e820::E820_USABLE && e.addr <= heap_end && heap_end < e.end())
+        .map_or(heap_end, |e| {
+            e.end().min(GUEST_IDENTITY_MAP_END) & !(PAGE - 1)
+        });
     let heap = Heap {
         base,
         pages: len / PAGE,
         seed,
+        spare: (heap_end, spare_end.saturating_sub(heap_end)),
     };
     if heap.pages <= SCRATCH_PAGES {
         println!("function: error: heap too small");
         return Err(FAIL_BAD_PARAMETER);
     }
+    let mut wait_for_clone = !cold;
     loop {
         // A new generation: the device was reset with the restore (or was never started).
-        while signal::generation() == generation {
+        while wait_for_clone && signal::generation() == generation {
             signal::idle();
         }
+        wait_for_clone = true;
         generation = signal::generation();
         let extra = ANSWER_BUFS * ANSWER_LEN;
         let mut drv = Driver::open(dev, func, ctx.e820, extra).map_err(device_error)?;
@@ -254,17 +312,24 @@ fn serve(drv: &mut Driver, heap: &Heap, port: u32, generation: u128) -> Result<(
                         let at = answers + (next_answer % ANSWER_BUFS) * ANSWER_LEN;
                         next_answer += 1;
                         let mut out = Writer { at, len: 0 };
+                        out.num(heap.seed);
                         match n {
-                            Some(n) => {
+                            Some(Request::Sum(n)) => {
                                 let sum = heap.invoke(n);
-                                out.num(heap.seed);
                                 out.byte(b' ');
                                 out.hex(sum);
                             }
-                            None => {
-                                out.num(heap.seed);
-                                out.bytes(b" error");
+                            Some(Request::Control {
+                                sleep_ms,
+                                dirty_mib,
+                                crash,
+                            }) if heap.control(sleep_ms, dirty_mib, crash) => {
+                                out.bytes(b" ok sleep=");
+                                out.num(sleep_ms);
+                                out.bytes(b" dirty=");
+                                out.num(dirty_mib);
                             }
+                            _ => out.bytes(b" error"),
                         }
                         out.byte(b'\n');
                         let len = out.len as u32;
@@ -312,13 +377,33 @@ fn serve(drv: &mut Driver, heap: &Heap, port: u32, generation: u128) -> Result<(
     }
 }
 
-/// `n` in decimal (surrounding spaces and a trailing `\r` allowed); None if malformed or too long.
-fn parse_line(line: &[u8], len: usize) -> Option<u64> {
+/// `n` in decimal, or control words (surrounding spaces and a trailing `\r` allowed); None if malformed
+/// or too long.
+fn parse_line(line: &[u8], len: usize) -> Option<Request> {
     if len > LINE_MAX {
         return None;
     }
     let s = core::str::from_utf8(line).ok()?.trim();
-    s.parse().ok()
+    if let Ok(n) = s.parse() {
+        return Some(Request::Sum(n));
+    }
+    if s.is_empty() {
+        return None;
+    }
+    let (mut sleep_ms, mut dirty_mib, mut crash) = (0, 0, false);
+    for word in s.split_ascii_whitespace() {
+        match word.split_once('=') {
+            Some(("sleep", v)) => sleep_ms = v.parse().ok().filter(|&ms| ms <= MAX_SLEEP_MS)?,
+            Some(("dirty", v)) => dirty_mib = v.parse().ok()?,
+            None if word == "crash" => crash = true,
+            _ => return None,
+        }
+    }
+    Some(Request::Control {
+        sleep_ms,
+        dirty_mib,
+        crash,
+    })
 }
 
 /// Formats an answer into DMA memory.

@@ -7,8 +7,10 @@
 mod blk;
 mod boot;
 mod console;
+mod devstate;
 mod fault;
 mod function;
+mod hotplug;
 mod idle;
 mod net;
 mod pci;
@@ -119,8 +121,20 @@ pub static WORKLOADS: &[Workload] = &[
     Workload {
         name: "function",
         id: crate::protocol::WORKLOAD_ID_FUNCTION,
-        params: &["seed", "heap", "port"],
+        params: &["seed", "heap", "port", "cold"],
         run: function::run,
+    },
+    Workload {
+        name: "devstate",
+        id: crate::protocol::WORKLOAD_ID_DEVSTATE,
+        params: &["port", "seed", "sectors"],
+        run: devstate::run,
+    },
+    Workload {
+        name: "hotplug",
+        id: crate::protocol::WORKLOAD_ID_HOTPLUG,
+        params: &["sectors", "count"],
+        run: hotplug::run,
     },
 ];
 

@@ -121,13 +121,7 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
     };
     match mode {
         "echo" => {
-            let mut drv = Driver::open(
-                dev,
-                func,
-                ctx.e820,
-                u64::from(BUF_ALLOC) * MAX_CONNS as u64 + 4096,
-            )
-            .map_err(device_error)?;
+            let mut drv = Driver::open(dev, func, ctx.e820, ECHO_DMA).map_err(device_error)?;
             echo(&mut drv, port, count)
         }
         "connect" => {
@@ -162,15 +156,62 @@ fn echo_tag(slot: usize, gen: u32, bytes: u32) -> u32 {
     ((gen & 0xff) << 24) | ((slot as u32) << 20) | bytes
 }
 
+/// The driver memory (`extra` of `Driver::open`) an [`Echo`] server needs: one ring per connection.
+pub const ECHO_DMA: u64 = BUF_ALLOC as u64 * MAX_CONNS as u64 + 4096;
+
 fn echo(drv: &mut Driver, port: u32, count: u64) -> Result<u64, u64> {
-    let cid = drv.cid;
-    let ring_base = drv
-        .alloc(u64::from(BUF_ALLOC) * MAX_CONNS as u64, 4096)
-        .map_err(device_error)?;
-    println!("vsock: listening port={port} cid={cid}");
-    let mut conns = [Conn::default(); MAX_CONNS];
+    let mut server = Echo::new(drv, port)?;
+    println!("vsock: listening port={port} cid={}", drv.cid);
     let mut served = 0u64;
     loop {
+        served += u64::from(server.pass(drv)?.closed);
+        if count > 0 && served >= count {
+            println!("vsock: ok");
+            return Ok(served);
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// What one [`Echo::pass`] saw.
+#[derive(Clone, Copy, Default)]
+pub struct Pass {
+    /// Packets received.
+    pub packets: u32,
+    /// Connections that ended (the host's RST).
+    pub closed: u32,
+    /// A TRANSPORT_RESET event came: every connection was dropped.
+    pub reset: bool,
+}
+
+/// The echo server: listens on a port and sends every byte back (also used by `devstate`).
+pub struct Echo {
+    port: u32,
+    ring_base: u64,
+    conns: [Conn; MAX_CONNS],
+}
+
+impl Echo {
+    /// Takes [`ECHO_DMA`] bytes of the driver's memory for the connections' rings.
+    pub fn new(drv: &mut Driver, port: u32) -> Result<Echo, u64> {
+        let ring_base = drv
+            .alloc(u64::from(BUF_ALLOC) * MAX_CONNS as u64, 4096)
+            .map_err(device_error)?;
+        Ok(Echo {
+            port,
+            ring_base,
+            conns: [Conn::default(); MAX_CONNS],
+        })
+    }
+
+    /// Serves what the device has: reaps transmit chains, handles the event queue and every received
+    /// packet, echoes what credit allows, and notifies the device.
+    pub fn pass(&mut self, drv: &mut Driver) -> Result<Pass, u64> {
+        let cid = drv.cid;
+        let port = self.port;
+        let ring_base = self.ring_base;
+        let conns = &mut self.conns;
+        let mut pass = Pass::default();
         drv.poll_tx(|tag| {
             let (gen, slot, bytes) = (tag >> 24, ((tag >> 20) & 0xf) as usize, tag & 0xf_ffff);
             if let Some(c) = conns.get_mut(slot) {
@@ -183,11 +224,13 @@ fn echo(drv: &mut Driver, port: u32, count: u64) -> Result<u64, u64> {
         .map_err(device_error)?;
         if drv.poll_event().map_err(device_error)? == Some(EVENT_TRANSPORT_RESET) {
             println!("vsock: transport reset");
+            pass.reset = true;
             for c in conns.iter_mut() {
                 c.live = false;
             }
         }
         while let Some(pkt) = drv.poll_rx().map_err(device_error)? {
+            pass.packets += 1;
             let h = pkt.header;
             if h.dst_cid != cid || h.src_cid != HOST_CID || h.kind != TYPE_STREAM {
                 drv.release(pkt.buf);
@@ -260,7 +303,7 @@ fn echo(drv: &mut Driver, port: u32, count: u64) -> Result<u64, u64> {
                 OP_SHUTDOWN => c.peer_shutdown |= h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND),
                 OP_RST => {
                     c.live = false;
-                    served += 1;
+                    pass.closed += 1;
                     println!("vsock: closed port={} bytes={}", c.peer_port, c.bytes);
                 }
                 _ => {}
@@ -304,11 +347,7 @@ fn echo(drv: &mut Driver, port: u32, count: u64) -> Result<u64, u64> {
             }
         }
         drv.flush();
-        if count > 0 && served >= count {
-            println!("vsock: ok");
-            return Ok(served);
-        }
-        core::hint::spin_loop();
+        Ok(pass)
     }
 }
 

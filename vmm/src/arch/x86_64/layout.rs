@@ -12,16 +12,19 @@
 //!                                           0x0010_0000  kernel / test guest load address
 //! RAM: [0, min(size, 3 GiB)) and, for larger guests, [4 GiB, 4 GiB + rest)
 //! 32-bit MMIO hole [3 GiB, 4 GiB):
-//!   0xc000_0000 .. 0xe000_0000  PCI 32-bit BAR window (virtio-pci, later)
-//!   0xe000_0000 .. 0xf000_0000  PCI ECAM (later)
+//!   0xc000_0000 .. 0xe000_0000  PCI 32-bit BAR window (virtio-pci BARs, placed by the VMM)
+//!   0xe000_0000 .. 0xf000_0000  PCI ECAM
 //!   0xfe00_0000                 guest-signal device (4 KiB)
 //!   0xfe00_1000                 16550 UART MMIO alias of ttyS0 (1-byte registers, regshift 0)
 //!   0xfe00_2000                 guest-idle device (a blocking read for guests that cannot halt)
+//!   0xfe00_3000                 PCI hotplug controller (slot bitmaps and eject register, see
+//!                               `devices::pci::hotplug`; the DSDT's `\_SB_.PCI0.PHPR` region)
 //!   0xfec0_0000                 IOAPIC (emulated by the VMM: split irqchip)
 //!   0xfee0_0000                 LAPIC (in KVM)
 //! 64-bit pmem window from PMEM_WINDOW_START (64 GiB, or the end of RAM rounded up to 1 GiB if higher):
 //!   virtio-pmem ranges, each on a 1 GiB boundary (see `virtio_pmem_share::place`)
 //! Port I/O: 0x3f8-0x3ff UART (IRQ 4), 0x60-0x64 i8042 (reset), 0x3c0 ACPI sleep control, 0x3c1 sleep status
+//! IOAPIC pins: 4 UART, 5 ACPI GED (PCI hotplug events), 9 SCI (named in the FADT, unused)
 //! ```
 
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -80,6 +83,8 @@ pub const SERIAL_MMIO_START: u64 = 0xfe00_1000;
 pub const SERIAL_MMIO_SIZE: u64 = 0x1000;
 pub const GUEST_IDLE_START: u64 = 0xfe00_2000;
 pub const GUEST_IDLE_SIZE: u64 = 0x1000;
+pub const PCI_HOTPLUG_START: u64 = 0xfe00_3000;
+pub const PCI_HOTPLUG_SIZE: u64 = 0x1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const IOAPIC_SIZE: u64 = 0x1000;
 pub const APIC_START: u64 = 0xfee0_0000;
@@ -96,5 +101,7 @@ pub const ACPI_PM_PORT_SIZE: u64 = 2;
 pub const S5_SLP_TYP: u8 = 5;
 /// FADT SCI interrupt (unused by a hardware-reduced platform but must be valid).
 pub const SCI_IRQ: u32 = 9;
+/// The ACPI Generic Event Device's interrupt (edge, active high): raised on every PCI hotplug event.
+pub const GED_IRQ: u32 = 5;
 /// Pins of the emulated IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;

@@ -6,9 +6,11 @@
 //! - `blk`: virtio-blk IOPS and MiB/s from the test guest against the host's pread on the same file.
 //! - `api`: API round trips (ping) and vm.create+vm.boot latency.
 //! - `vsock`: host <-> guest round trips and bulk throughput over hybrid virtio-vsock.
+//! - `trace`: a bursty multi-function trace against fresh boots, on-demand restores and the warm pool.
 //!
 //! The VMM is this very binary re-executed in VMM mode (`trenv-bench __vmm ...` runs exactly `trenv`'s
-//! main), so `cargo run --bin trenv-bench` needs no other binary built first.
+//! main), so `cargo run --bin trenv-bench` needs no other binary built first. Run under the name `trenv`
+//! (a link the `trace` bench gives its pool) it is the VMM too, and `trenv-bench __pool ...` is the pool.
 
 mod api;
 mod blk;
@@ -17,6 +19,7 @@ mod common;
 mod pmem;
 mod repurpose;
 mod restore;
+mod trace;
 mod vsock;
 
 use std::process::ExitCode;
@@ -116,6 +119,36 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// A seeded bursty multi-function trace replayed against fresh boots, restores and the warm pool.
+    Trace {
+        #[arg(long, default_value_t = 20)]
+        functions: usize,
+        /// Trace length, replayed once per policy.
+        #[arg(long, default_value_t = 60.0)]
+        duration_s: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Base arrivals per second (bursts run at several times this).
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Policies to run, comma separated.
+        #[arg(long, default_value = "fresh,restore,trenv")]
+        policies: String,
+        /// MiB of heap each function's template built.
+        #[arg(long, default_value_t = 16)]
+        heap_mib: u64,
+        #[arg(long, default_value_t = 128)]
+        mem_mib: u64,
+        #[arg(long, default_value_t = 4)]
+        pool_max_sandboxes: usize,
+        #[arg(long, default_value_t = 30_000)]
+        pool_keep_alive_ms: u64,
+        /// Parked sandboxes the pool keeps ready (0: the configuration leaves `prewarm` out).
+        #[arg(long, default_value_t = 2)]
+        pool_prewarm: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -123,6 +156,17 @@ fn main() -> ExitCode {
     if args.get(1).is_some_and(|a| a == common::VMM_MODE) {
         args.remove(1);
         return vmm::cli::main_with_args(args);
+    }
+    let as_trenv = args.first().is_some_and(|a| {
+        std::path::Path::new(a)
+            .file_name()
+            .is_some_and(|n| n == trace::TRENV_NAME)
+    });
+    if as_trenv {
+        return vmm::cli::main_with_args(args);
+    }
+    if args.get(1).is_some_and(|a| a == trace::POOL_MODE) {
+        return trace::pool_main(&args[2..]);
     }
     let result = match Cli::parse().bench {
         Bench::Boot {
@@ -175,6 +219,30 @@ fn main() -> ExitCode {
         Bench::Repurpose {
             rounds, mem_mib, ..
         } => repurpose::run(rounds.max(1), mem_mib),
+        Bench::Trace {
+            functions,
+            duration_s,
+            seed,
+            rate,
+            policies,
+            heap_mib,
+            mem_mib,
+            pool_max_sandboxes,
+            pool_keep_alive_ms,
+            pool_prewarm,
+            ..
+        } => trace::run(&trace::Params {
+            functions,
+            duration_s,
+            seed,
+            rate,
+            policies: policies.split(',').map(|m| m.trim().to_string()).collect(),
+            heap_mib,
+            mem_mib,
+            pool_max_sandboxes: pool_max_sandboxes.max(1),
+            pool_keep_alive_ms,
+            pool_prewarm,
+        }),
     };
     match result {
         Ok(value) => {
