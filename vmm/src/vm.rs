@@ -418,23 +418,36 @@ impl Vm {
 
     /// Lets paused vCPU threads run again (or starts them, for a VM restored paused).
     pub fn resume(&mut self) -> Result<()> {
+        if self.resume_deferred()? {
+            self.release_vcpus();
+        }
+        Ok(())
+    }
+
+    /// Everything [`Self::resume`] does except letting parked vCPU threads run; true when the caller must
+    /// still call [`Self::release_vcpus`] (a VM whose vCPU threads were not started yet starts them here).
+    /// The API answers a resuming request between the two, so that the reply does not compete for a CPU
+    /// with the guest it just set running.
+    pub fn resume_deferred(&mut self) -> Result<bool> {
         if self.parked {
             return Err(VmError::Parked);
         }
         self.paused_state = None;
         // Devices a snapshot paused serve again (a no-op for running ones).
         self.devices.pci.resume_devices();
-        if self.threads.is_empty() {
-            if let Some(clock) = self.paused_clock.take() {
-                self.set_clock(clock);
-            }
-            return self.start();
-        }
         if let Some(clock) = self.paused_clock.take() {
             self.set_clock(clock);
         }
+        if self.threads.is_empty() {
+            self.start()?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Lets parked vCPU threads run guest code again (the last step of a resume).
+    pub fn release_vcpus(&self) {
         self.shared.control.set_request(RunRequest::Run);
-        Ok(())
     }
 
     pub(crate) fn set_clock(&self, mut clock: kvm_bindings::kvm_clock_data) {

@@ -35,6 +35,9 @@ pub struct Vmm {
     vm: Option<Vm>,
     state: VmState,
     api: Option<(Receiver<ApiCall>, EventFd)>,
+    /// The request just handled resumed the VM: its vCPUs are let run once the reply is on its way
+    /// ([`Vm::resume_deferred`]).
+    release_after_reply: bool,
 }
 
 /// The error chain of a response as one line (for the CLI, which has no HTTP client to show it to).
@@ -72,6 +75,7 @@ impl Vmm {
             vm: None,
             state: VmState::Created,
             api,
+            release_after_reply: false,
         }
     }
 
@@ -274,8 +278,9 @@ impl Vmm {
                 self.config = Some(vm.config().clone());
                 self.state = VmState::Paused;
                 if req.resume {
-                    if let Err(e) = vm.resume() {
-                        return vm_error("resume the repurposed", &e);
+                    match vm.resume_deferred() {
+                        Ok(release) => self.release_after_reply = release,
+                        Err(e) => return vm_error("resume the repurposed", &e),
                     }
                     self.state = VmState::Running;
                 }
@@ -391,8 +396,9 @@ impl Vmm {
             },
             R::VmResume => match (self.state(), self.vm.as_mut()) {
                 (None, _) => not_created(),
-                (Some(VmState::Paused), Some(vm)) => match vm.resume() {
-                    Ok(()) => {
+                (Some(VmState::Paused), Some(vm)) => match vm.resume_deferred() {
+                    Ok(release) => {
+                        self.release_after_reply = release;
                         self.state = VmState::Running;
                         event_monitor::emit("vm", "resumed", &[]);
                         ApiResponse::Empty
@@ -600,6 +606,11 @@ impl Vmm {
         for call in calls {
             let (response, exit) = self.handle(call.request);
             let _ = call.reply.send(response);
+            if std::mem::take(&mut self.release_after_reply) {
+                if let Some(vm) = &self.vm {
+                    vm.release_vcpus();
+                }
+            }
             if exit.is_some() {
                 return exit;
             }
