@@ -11,21 +11,33 @@
 //! hotplug controller ([`PciHotplug`], see [`PciDevices::enable_hotplug`]); a removal is a request to the
 //! guest, and only once the guest ejected the slot does [`PciDevices::release_ejected`] unregister the
 //! device's ioeventfds and irqfds and free its BAR and slot.
+//!
+//! BAR moves: the guest may reprogram a BAR (Linux does for hot-added devices when it prefers another
+//! place in the window). The vCPU thread whose config write programs the move carries it out inside the
+//! PCI root (`devices::pci::root`): the window and its allocator first, then the device, whose
+//! notification ioeventfds move with it (KVM_IOEVENTFD on that vCPU thread). It takes the root's lock,
+//! then the window's and the device's one after the other, never this struct: the VMM thread that holds
+//! `PciDevices` for a hotplug only ever takes those locks briefly and one at a time, so the two never
+//! wait on each other. A refused move (outside the window, onto another BAR) leaves the BAR where it was.
+//! The saved device state records each BAR where it decodes; a restore creates devices there
+//! ([`placements`]), and loading state into existing devices moves their BARs there first
+//! ([`PciDevices::set_state`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use devices::pci::configuration::saved_bar_address;
 use devices::pci::hotplug::HotplugNotifier;
 use devices::pci::{
-    BarAllocator, InterruptRouter, PciBarWindow, PciBdf, PciConfigIo, PciConfigMmio, PciHotplug,
-    PciRoot, RouterError, SharedPciDevice,
+    InterruptRouter, PciBarWindow, PciBdf, PciConfigIo, PciConfigMmio, PciHotplug, PciRoot,
+    RouterError, SharedPciDevice,
 };
 use devices::virtio::block::{Block, BlockConfig, BlockError, DEFAULT_QUEUE_SIZE};
 use devices::virtio::rng::{Rng, RngError};
-use devices::virtio::transport::VirtioPciError;
+use devices::virtio::transport::{IoEventRegistrar, VirtioPciError};
 use devices::virtio::{GuestMemory, VirtioDevice, VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
 use devices::{Bus, BusError};
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use kvm_ioctls::VmFd;
 
 use crate::arch::layout;
 
@@ -313,12 +325,18 @@ pub enum PciError {
     Unsupported(&'static str),
     #[error("device id {0} is used twice")]
     DuplicateId(String),
-    #[error("cannot register the notification ioeventfd of {id} at {addr:#x}")]
+    #[error("cannot register the notification ioeventfds of {id}")]
     Ioeventfd {
+        id: String,
+        #[source]
+        source: devices::pci::PciError,
+    },
+    #[error("device {id}: cannot move its BAR to {addr:#x}")]
+    BarMove {
         id: String,
         addr: u64,
         #[source]
-        source: kvm_ioctls::Error,
+        source: devices::pci::PciError,
     },
     #[error("cannot register the MSI-X irqfd of {id} for GSI {gsi}")]
     Irqfd {
@@ -373,8 +391,6 @@ pub struct Placement {
 /// saved configuration space). States that name no usable slot or BAR are left out: the restore then
 /// fails on the device-set check with the device named.
 pub fn placements(saved: &[PciDeviceState]) -> std::collections::BTreeMap<String, Placement> {
-    const BAR0_DWORD: usize = 4;
-    const BAR_ADDR_MASK: u32 = !0xf;
     saved
         .iter()
         .filter_map(|s| {
@@ -383,14 +399,7 @@ pub fn placements(saved: &[PciDeviceState]) -> std::collections::BTreeMap<String
                 .strip_prefix("0000:00:")?
                 .strip_suffix(".0")
                 .and_then(|d| u8::from_str_radix(d, 16).ok())?;
-            let low = *s.state.config_space.get(BAR0_DWORD)?;
-            // A 64-bit memory BAR (type bits 0b10) continues in the next dword.
-            let high = if low & 0x6 == 0x4 {
-                *s.state.config_space.get(BAR0_DWORD + 1)?
-            } else {
-                0
-            };
-            let bar = (u64::from(high) << 32) | u64::from(low & BAR_ADDR_MASK);
+            let bar = saved_bar_address(&s.state.config_space, 0)?;
             Some((s.id.clone(), Placement { slot, bar }))
         })
         .collect()
@@ -400,7 +409,7 @@ pub fn placements(saved: &[PciDeviceState]) -> std::collections::BTreeMap<String
 /// its BARs in the window and its slot).
 #[derive(Default)]
 struct Registered {
-    ioeventfds: usize,
+    ioeventfds: bool,
     irqfds: usize,
     visible: bool,
 }
@@ -409,8 +418,8 @@ pub struct PciDevices {
     vm: Arc<VmFd>,
     router: Arc<InterruptRouter>,
     root: Arc<Mutex<PciRoot>>,
+    /// Where BARs decode, with the allocator of its ranges (shared with the root, which moves BARs).
     window: Arc<Mutex<PciBarWindow>>,
-    bars: BarAllocator,
     entries: Vec<Entry>,
     /// The vsock device's id and its transport reset.
     vsock_reset: Option<(String, devices::virtio::vsock::ResetHandle)>,
@@ -470,7 +479,10 @@ impl PciDevices {
         let window = Arc::new(Mutex::new(PciBarWindow::new(
             layout::PCI_MMIO32_START,
             layout::PCI_MMIO32_SIZE,
-        )));
+        )?));
+        root.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_bar_window(window.clone());
         mmio.insert(
             window.clone(),
             layout::PCI_MMIO32_START,
@@ -481,7 +493,6 @@ impl PciDevices {
             router,
             root,
             window,
-            bars: BarAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)?,
             entries: Vec::new(),
             vsock_reset: None,
             hotplug: None,
@@ -544,15 +555,16 @@ impl PciDevices {
                 result = Err(PciError::Pci(devices::pci::PciError::SlotTaken(p.slot)));
                 break;
             }
-            if let Err(e) = self.bars.allocate_at(p.bar, VIRTIO_PCI_BAR_SIZE) {
+            if let Err(e) = self.window_lock().allocate_at(p.bar, VIRTIO_PCI_BAR_SIZE) {
                 result = Err(e.into());
                 break;
             }
             held.push((id, *p));
         }
         if result.is_err() {
+            let mut window = self.window_lock();
             for (_, p) in held {
-                let _ = self.bars.free(p.bar, VIRTIO_PCI_BAR_SIZE);
+                let _ = window.free(p.bar, VIRTIO_PCI_BAR_SIZE);
             }
             return result;
         }
@@ -564,9 +576,11 @@ impl PciDevices {
     /// Frees what [`Self::reserve`] held for devices that were never added; returns their ids.
     pub fn drop_reservations(&mut self) -> Vec<String> {
         let reserved = std::mem::take(&mut self.reserved);
+        let mut window = self.window_lock();
         for p in reserved.values() {
-            let _ = self.bars.free(p.bar, VIRTIO_PCI_BAR_SIZE);
+            let _ = window.free(p.bar, VIRTIO_PCI_BAR_SIZE);
         }
+        drop(window);
         reserved.into_keys().collect()
     }
 
@@ -640,7 +654,7 @@ impl PciDevices {
     /// stops (resets) when the last reference, the entry's, is dropped.
     fn release(&mut self, entry: &Entry) {
         let all = Registered {
-            ioeventfds: usize::MAX,
+            ioeventfds: true,
             irqfds: usize::MAX,
             visible: true,
         };
@@ -650,7 +664,7 @@ impl PciDevices {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .bar_addr();
-        if let Err(e) = self.bars.free(bar, VIRTIO_PCI_BAR_SIZE) {
+        if let Err(e) = self.window_lock().free(bar, VIRTIO_PCI_BAR_SIZE) {
             log::warn!("pci: {}: cannot free BAR {bar:#x}: {e}", entry.id);
         }
         if self
@@ -690,12 +704,12 @@ impl PciDevices {
             Some(p) => (p.slot, p.bar),
             None => {
                 let slot = self.free_slot()?;
-                (slot, self.bars.allocate(VIRTIO_PCI_BAR_SIZE)?)
+                (slot, self.window_lock().allocate(VIRTIO_PCI_BAR_SIZE)?)
             }
         };
         let result = self.place(id, device, mem, slot, bar);
         if result.is_err() {
-            let _ = self.bars.free(bar, VIRTIO_PCI_BAR_SIZE);
+            let _ = self.window_lock().free(bar, VIRTIO_PCI_BAR_SIZE);
         }
         result
     }
@@ -738,17 +752,16 @@ impl PciDevices {
     /// window, function in its slot (the guest may find it from then on). `done` records how far it got.
     fn register(&mut self, entry: &Entry, done: &mut Registered) -> Result<(), PciError> {
         let id = &entry.id;
-        let device = entry.device.lock().unwrap_or_else(|e| e.into_inner());
-        for (addr, event) in device.ioeventfds() {
-            self.vm
-                .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
-                .map_err(|source| PciError::Ioeventfd {
-                    id: id.clone(),
-                    addr,
-                    source,
-                })?;
-            done.ioeventfds += 1;
-        }
+        let mut device = entry.device.lock().unwrap_or_else(|e| e.into_inner());
+        // They follow BAR 0 from now on, wherever the guest moves it.
+        let registrar: Arc<dyn IoEventRegistrar> = self.vm.clone();
+        device
+            .register_ioeventfds(registrar)
+            .map_err(|source| PciError::Ioeventfd {
+                id: id.clone(),
+                source,
+            })?;
+        done.ioeventfds = true;
         let irqfds = device.irqfds().map_err(|source| PciError::Irqfd {
             id: id.clone(),
             gsi: 0,
@@ -793,19 +806,11 @@ impl PciDevices {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove_device(&shared);
         }
-        let device = entry.device.lock().unwrap_or_else(|e| e.into_inner());
+        let mut device = entry.device.lock().unwrap_or_else(|e| e.into_inner());
         // A stale ioeventfd would swallow the notifications of the next device at this BAR (and KVM
         // refuses a second one at the same address): unregister before the BAR is reused.
-        for (addr, event) in device.ioeventfds().into_iter().take(done.ioeventfds) {
-            if let Err(e) =
-                self.vm
-                    .unregister_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
-            {
-                log::warn!(
-                    "pci: {}: cannot unregister the ioeventfd at {addr:#x}: {e}",
-                    entry.id
-                );
-            }
+        if done.ioeventfds {
+            device.unregister_ioeventfds();
         }
         if done.irqfds > 0 {
             match device.irqfds() {
@@ -908,6 +913,10 @@ impl PciDevices {
         self.root.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn window_lock(&self) -> std::sync::MutexGuard<'_, PciBarWindow> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The PCI address of device `id`.
     pub fn bdf(&self, id: &str) -> Option<PciBdf> {
         self.entries.iter().find(|e| e.id == id).map(|e| e.bdf)
@@ -995,7 +1004,15 @@ impl PciDevices {
     /// that were live are activated on their saved queues; the vsock device, whose host connections did
     /// not survive, then tells its driver with a TRANSPORT_RESET event.
     pub fn set_state(&mut self, saved: &[PciDeviceState]) -> Result<(), PciError> {
-        for (e, s) in self.match_state(saved)? {
+        let pairs = self.match_state(saved)?;
+        // BARs first: a device's state is loaded where the template's guest had its BAR (the guest may
+        // have moved it there, or this VM's guest may have moved it away).
+        let targets: Vec<(&Entry, u64)> = pairs
+            .iter()
+            .filter_map(|(e, s)| Some((*e, saved_bar_address(&s.state.config_space, 0)?)))
+            .collect();
+        self.place_bars(&targets)?;
+        for (e, s) in pairs {
             let live = s.state.status & devices::virtio::STATUS_DRIVER_OK != 0
                 && s.state.status & devices::virtio::STATUS_DEVICE_NEEDS_RESET == 0;
             if let Some((_, reset)) = self.vsock_reset.as_ref().filter(|(id, _)| *id == e.id) {
@@ -1015,12 +1032,67 @@ impl PciDevices {
         Ok(())
     }
 
+    /// Moves each device's BAR 0 to its target (checked by [`Self::check_bars`]). Targets may be each
+    /// other's current places, in a chain or a cycle: devices move once their target is free, and a
+    /// cycle is broken by parking one device in a free range.
+    fn place_bars(&self, targets: &[(&Entry, u64)]) -> Result<(), PciError> {
+        let mut pending: Vec<(&Entry, u64)> = targets
+            .iter()
+            .filter(|(e, bar)| lock_device(&e.device).bar_addr() != *bar)
+            .copied()
+            .collect();
+        // Each round moves a device or parks one; a device that cannot move for another reason (KVM
+        // refusing its ioeventfds) ends this after a bounded number of rounds.
+        let mut rounds = 2 * pending.len() + 2;
+        while !pending.is_empty() {
+            let mut last_error = None;
+            let before = pending.len();
+            let mut still = Vec::new();
+            for (e, bar) in pending {
+                match self.move_device_bar(e, bar) {
+                    Ok(()) => {}
+                    Err(err) => {
+                        last_error = Some(err);
+                        still.push((e, bar));
+                    }
+                }
+            }
+            pending = still;
+            rounds = rounds.saturating_sub(1);
+            if let Some(err) = last_error.filter(|_| rounds == 0) {
+                return Err(err);
+            }
+            if !pending.is_empty() && pending.len() == before {
+                let (e, _) = pending[0];
+                let spare = {
+                    let mut window = self.window_lock();
+                    let spare = window.allocate(VIRTIO_PCI_BAR_SIZE)?;
+                    window.free(spare, VIRTIO_PCI_BAR_SIZE)?;
+                    spare
+                };
+                self.move_device_bar(e, spare)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn move_device_bar(&self, e: &Entry, addr: u64) -> Result<(), PciError> {
+        let shared: SharedPciDevice = e.device.clone();
+        devices::pci::root::move_bar(&self.window, &shared, 0, addr)
+            .map(|old| log::debug!("pci: {} BAR0 {old:#x} -> {addr:#x}", e.id))
+            .map_err(|source| PciError::BarMove {
+                id: e.id.clone(),
+                addr,
+                source,
+            })
+    }
+
     /// Whether [`Self::set_state`] would accept `saved`; changes nothing.
     pub fn check_state(&self, saved: &[PciDeviceState]) -> Result<(), PciError> {
         self.match_state(saved).map(|_| ())
     }
 
-    /// Pairs every device with its saved state, each checked.
+    /// Pairs every device with its saved state, each checked, their BARs too.
     fn match_state<'a>(
         &'a self,
         saved: &'a [PciDeviceState],
@@ -1053,7 +1125,35 @@ impl PciDevices {
                 })?;
             pairs.push((e, s));
         }
+        self.check_bars(&pairs)?;
         Ok(pairs)
+    }
+
+    /// The saved BARs (untrusted) can all be placed at once: each naturally aligned inside the window,
+    /// none on another's or on a range held for a device not created yet.
+    fn check_bars(&self, pairs: &[(&Entry, &PciDeviceState)]) -> Result<(), PciError> {
+        let window = layout::PCI_MMIO32_START..layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE;
+        let mut taken: Vec<u64> = self.reserved.values().map(|p| p.bar).collect();
+        for (e, s) in pairs {
+            let Some(bar) = saved_bar_address(&s.state.config_space, 0) else {
+                return Err(PciError::DeviceSet(format!(
+                    "device {} saved no BAR 0",
+                    e.id
+                )));
+            };
+            let inside = bar.is_multiple_of(VIRTIO_PCI_BAR_SIZE)
+                && window.contains(&bar)
+                && window.contains(&(bar + VIRTIO_PCI_BAR_SIZE - 1));
+            // Same size and naturally aligned: two BARs overlap exactly when they are equal.
+            if !inside || taken.contains(&bar) {
+                return Err(PciError::DeviceSet(format!(
+                    "device {} saved BAR 0 at {bar:#x}, which is not a free, aligned place in the PCI window",
+                    e.id
+                )));
+            }
+            taken.push(bar);
+        }
+        Ok(())
     }
 }
 
@@ -1361,6 +1461,131 @@ mod tests {
         assert_eq!(derived["b"], at(4, window + 0x10000));
         assert_eq!(derived["z"], at(5, bar_of(&pci, "z")));
         assert_eq!(derived.len(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    /// Whether KVM holds an ioeventfd at `addr` (it refuses a second one at the same address).
+    fn ioeventfd_at(vm: &VmFd, addr: u64) -> bool {
+        use kvm_ioctls::{IoEventAddress, NoDatamatch};
+        let probe = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let at = IoEventAddress::Mmio(addr);
+        match vm.register_ioevent(&probe, &at, NoDatamatch) {
+            Ok(()) => {
+                vm.unregister_ioevent(&probe, &at, NoDatamatch).unwrap();
+                false
+            }
+            Err(e) => {
+                assert_eq!(e.errno(), libc::EEXIST, "{e}");
+                true
+            }
+        }
+    }
+
+    #[test]
+    fn guest_bar_moves_carry_ioeventfds_and_survive_state_loads() {
+        let Some(vm) = vm_fd() else {
+            eprintln!("no usable /dev/kvm: skipped");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("trenv-pci-barmove-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let spec = DiskSpec {
+            path: disk.clone(),
+            ..Default::default()
+        };
+        let rng = RngSpec {
+            src: "/dev/urandom".into(),
+        };
+        let mut pci = PciDevices::new(
+            &vm,
+            &mem,
+            &mut pio,
+            &mut mmio,
+            std::slice::from_ref(&spec),
+            Some(&rng),
+        )
+        .unwrap();
+        let ecam = layout::PCI_ECAM_START;
+        let cfg = |slot: u64, reg: u64| ecam + (slot << 15) + reg;
+        let write32 = |bus: &Bus, addr: u64, v: u32| bus.write(addr, &v.to_le_bytes()).unwrap();
+        let disk_bar = u64::from(read32(&mmio, cfg(1, 0x10)));
+        let rng_bar = u64::from(read32(&mmio, cfg(2, 0x10)));
+        let notify = |bar: u64| bar + 0x3000;
+        assert!(ioeventfd_at(&vm, notify(rng_bar)));
+        let new = layout::PCI_MMIO32_START + 0x10_0000;
+
+        // The guest's way: decoding off, new address, decoding on (as a vCPU's ECAM writes).
+        write32(&mmio, cfg(2, 0x04), 0);
+        write32(&mmio, cfg(2, 0x10), new as u32);
+        assert_eq!(read32(&mmio, rng_bar), 0, "still decodes at the old place");
+        write32(&mmio, cfg(2, 0x04), 0x6);
+        let rng = pci.device(RNG_ID).unwrap();
+        assert_eq!(rng.lock().unwrap().bar_addr(), new);
+        assert_eq!(read32(&mmio, cfg(2, 0x10)), new as u32);
+        let mut nq = [0u8; 2];
+        mmio.read(new + 0x12, &mut nq).unwrap();
+        assert_eq!(
+            u16::from_le_bytes(nq),
+            1,
+            "common config at the new address"
+        );
+        assert_eq!(read32(&mmio, rng_bar), u32::MAX, "nothing at the old one");
+        assert!(ioeventfd_at(&vm, notify(new)));
+        assert!(!ioeventfd_at(&vm, notify(rng_bar)));
+
+        // Refused: onto the disk's BAR, outside the window. The BAR stays, and says so.
+        for bad in [disk_bar, layout::PCI_ECAM_START, 0] {
+            write32(&mmio, cfg(2, 0x10), bad as u32);
+            assert_eq!(read32(&mmio, cfg(2, 0x10)), new as u32, "{bad:#x}");
+            assert_eq!(rng.lock().unwrap().bar_addr(), new);
+            assert!(ioeventfd_at(&vm, notify(new)));
+        }
+        let mut nq = [0u8; 2];
+        mmio.read(disk_bar + 0x12, &mut nq).unwrap();
+        assert_eq!(u16::from_le_bytes(nq), 1, "the disk is untouched");
+        // The old range is free again: a hot-added device may take it.
+        pci.add_disk("hot".into(), &spec, &mem).unwrap();
+        let hot_bar = pci.device("hot").unwrap().lock().unwrap().bar_addr();
+        assert_eq!(hot_bar, rng_bar);
+
+        // Saved where the guest put it; a restore would place it there.
+        pci.pause_devices().unwrap();
+        let saved = pci.state().unwrap();
+        assert_eq!(placements(&saved)[RNG_ID].bar, new);
+        pci.resume_devices();
+        // Loading a state moves BARs back where it says, even when the devices swapped places.
+        write32(&mmio, cfg(2, 0x10), (new + 0x8000) as u32);
+        write32(&mmio, cfg(1, 0x04), 0x6);
+        write32(&mmio, cfg(1, 0x10), new as u32);
+        write32(&mmio, cfg(2, 0x10), disk_bar as u32);
+        let disk_dev = pci.device("_disk0").unwrap();
+        assert_eq!(disk_dev.lock().unwrap().bar_addr(), new);
+        assert_eq!(rng.lock().unwrap().bar_addr(), disk_bar);
+        pci.check_state(&saved).unwrap();
+        pci.set_state(&saved).unwrap();
+        assert_eq!(disk_dev.lock().unwrap().bar_addr(), disk_bar);
+        assert_eq!(rng.lock().unwrap().bar_addr(), new);
+        assert_eq!(read32(&mmio, cfg(1, 0x10)), disk_bar as u32);
+        for (bar, present) in [(disk_bar, true), (new, true), (new + 0x8000, false)] {
+            assert_eq!(ioeventfd_at(&vm, notify(bar)), present, "{bar:#x}");
+        }
+        // A state whose BARs collide or leave the window is refused before anything moves.
+        let mut clash = saved.clone();
+        clash[1].state.config_space[4] = disk_bar as u32;
+        assert!(matches!(
+            pci.check_state(&clash),
+            Err(PciError::DeviceSet(_))
+        ));
+        let mut outside = saved.clone();
+        outside[1].state.config_space[4] = layout::PCI_ECAM_START as u32;
+        assert!(matches!(
+            pci.set_state(&outside),
+            Err(PciError::DeviceSet(_))
+        ));
+        assert_eq!(rng.lock().unwrap().bar_addr(), new);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

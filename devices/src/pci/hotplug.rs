@@ -227,8 +227,13 @@ mod tests {
         fn config_read(&mut self, reg: usize) -> u32 {
             self.config.read_reg(reg)
         }
-        fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
-            self.config.write_reg(reg, offset, data);
+        fn config_write(
+            &mut self,
+            reg: usize,
+            offset: u64,
+            data: &[u8],
+        ) -> Vec<crate::pci::BarMove> {
+            self.config.write_reg(reg, offset, data)
         }
         fn bars(&self) -> Vec<PciBarInfo> {
             self.config.bars()
@@ -248,7 +253,7 @@ mod tests {
 
     fn fixture() -> Fixture {
         let root = Arc::new(Mutex::new(PciRoot::new()));
-        let window = Arc::new(Mutex::new(PciBarWindow::new(WINDOW, 0x2000_0000)));
+        let window = Arc::new(Mutex::new(PciBarWindow::new(WINDOW, 0x2000_0000).unwrap()));
         let notified = Arc::new(AtomicUsize::new(0));
         let count = notified.clone();
         let hp = PciHotplug::new(

@@ -2,8 +2,9 @@
 //! 0xCF8/0xCFC ports, MSI-X, the GSI routing table that MSI-X vectors (and the IOAPIC's pins) are
 //! delivered through, and the hotplug controller through which devices come and go while the guest runs.
 //!
-//! There is one segment and one bus (bus 0), function 0 of each slot only. BARs are 32-bit memory BARs
-//! placed by the VMM; a guest may size them (the all-ones protocol) but not move them.
+//! There is one segment and one bus (bus 0), function 0 of each slot only. BARs are memory BARs placed by
+//! the VMM in the 32-bit window; a guest may size them (the all-ones protocol) and move them within the
+//! window (see [`configuration`] for when a move takes effect and [`root`] for how it is carried out).
 
 pub mod configuration;
 pub mod hotplug;
@@ -13,7 +14,7 @@ pub mod root;
 
 use std::fmt;
 
-pub use configuration::{PciBarInfo, PciConfiguration, PciHeader};
+pub use configuration::{BarMove, PciBarInfo, PciConfiguration, PciHeader};
 pub use hotplug::PciHotplug;
 pub use msi::{GsiRoutingBackend, InterruptRouter, IoapicRouteSender, RouterError};
 pub use msix::{MsixConfig, MsixState, MsixTableEntry};
@@ -72,6 +73,12 @@ pub enum PciError {
         #[source]
         source: vm_allocator::Error,
     },
+    #[error("cannot register the notification ioeventfd at {addr:#x}")]
+    Ioeventfd {
+        addr: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Hands out naturally aligned BAR ranges from the 32-bit PCI window.
@@ -103,7 +110,11 @@ impl BarAllocator {
     }
 
     pub fn free(&mut self, addr: u64, size: u64) -> Result<(), PciError> {
-        let range = vm_allocator::RangeInclusive::new(addr, addr + size - 1)
+        let last = size
+            .checked_sub(1)
+            .and_then(|s| addr.checked_add(s))
+            .ok_or(PciError::InvalidBarSize(size))?;
+        let range = vm_allocator::RangeInclusive::new(addr, last)
             .map_err(|source| PciError::BarSpace { size, source })?;
         self.inner
             .free(&range)
@@ -117,10 +128,19 @@ impl BarAllocator {
 /// All inputs come from the guest: implementations must accept any index, offset and length.
 pub trait PciDevice: Send {
     fn config_read(&mut self, reg: usize) -> u32;
-    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]);
+    /// Returns the BARs the write moved (as [`PciConfiguration::write_reg`] reports them): the device's
+    /// configuration already says they decode at their new address; the caller moves the BARs' mapping
+    /// and then calls [`Self::move_bar`], or puts a refused move back with `move_bar(bar, old)`.
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove>;
     /// The memory BARs the device decodes, as (index, guest address, size).
     fn bars(&self) -> Vec<PciBarInfo> {
         Vec::new()
+    }
+    /// BAR `bar` decodes at `addr` from now on: the device updates its configuration (registers
+    /// included) and moves whatever else it keeps at BAR addresses (a virtio-pci function's notification
+    /// ioeventfds). The caller has already moved the BAR's mapping. On error nothing changed.
+    fn move_bar(&mut self, bar: usize, _addr: u64) -> Result<(), PciError> {
+        Err(PciError::InvalidBar(bar))
     }
     fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
         data.fill(0);

@@ -1,13 +1,16 @@
 //! The root bus (segment 0, bus 0) with its host bridge at 00:00.0, and the two ways to reach
 //! configuration space: ECAM (PCI Express Base 4.0, §7.2.2; an MMIO window, described to the guest by the
-//! ACPI MCFG table) and the legacy configuration mechanism #1 (ports 0xCF8 address / 0xCFC data).
+//! ACPI MCFG table) and the legacy configuration mechanism #1 (ports 0xCF8 address / 0xCFC data); and
+//! the BAR window, where the functions' memory BARs decode and where BAR moves the guest programs are
+//! carried out (see [`PciRoot::config_write`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use crate::bus::{Bus, BusDevice};
-use crate::pci::configuration::{PciConfiguration, PciHeader};
-use crate::pci::{PciBdf, PciDevice, PciError};
+use crate::bus::BusDevice;
+use crate::pci::configuration::{BarMove, PciConfiguration, PciHeader};
+use crate::pci::{BarAllocator, PciBdf, PciDevice, PciError};
+use crate::warn_ratelimited;
 
 /// Slots on bus 0 (device numbers 0..32); slot 0 is the host bridge.
 pub const NUM_SLOTS: u8 = 32;
@@ -36,14 +39,17 @@ impl PciDevice for HostBridge {
     fn config_read(&mut self, reg: usize) -> u32 {
         self.config.read_reg(reg)
     }
-    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
-        self.config.write_reg(reg, offset, data);
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+        self.config.write_reg(reg, offset, data)
     }
 }
 
 /// Bus 0 and the functions on it (function 0 of each slot).
 pub struct PciRoot {
     devices: BTreeMap<u8, SharedPciDevice>,
+    /// Where the functions' BARs decode; the moves the guest asks for are carried out there. Without it
+    /// every move is refused.
+    window: Option<Arc<Mutex<PciBarWindow>>>,
 }
 
 impl Default for PciRoot {
@@ -66,7 +72,15 @@ impl PciRoot {
         };
         let mut devices: BTreeMap<u8, SharedPciDevice> = BTreeMap::new();
         devices.insert(0, Arc::new(Mutex::new(bridge)));
-        Self { devices }
+        Self {
+            devices,
+            window: None,
+        }
+    }
+
+    /// The window the functions' BARs decode in (guest moves of BARs are carried out there).
+    pub fn set_bar_window(&mut self, window: Arc<Mutex<PciBarWindow>>) {
+        self.window = Some(window);
     }
 
     /// The lowest free slot.
@@ -118,6 +132,8 @@ impl PciRoot {
         }
     }
 
+    /// A write to the function's configuration space; BAR moves it programs are carried out before it
+    /// returns (the writing vCPU sees the BAR at its new address, or back at its old one, right after).
     pub fn config_write(
         &self,
         bus: u8,
@@ -127,8 +143,53 @@ impl PciRoot {
         offset: u64,
         data: &[u8],
     ) {
-        if let Some(d) = self.device(bus, slot, function) {
-            lock(d).config_write(reg, offset, data);
+        let Some(d) = self.device(bus, slot, function) else {
+            return;
+        };
+        // The function's lock is dropped before the move: BAR accesses take the window's lock, then the
+        // function's.
+        let moves = lock(d).config_write(reg, offset, data);
+        for m in moves {
+            self.relocate(slot, d, &m);
+        }
+    }
+
+    /// Carries out a BAR move the guest asked for. Runs on the vCPU thread that wrote the register, with
+    /// the root locked (config accesses wait, so moves never interleave). A move that cannot be done is
+    /// put back: the BAR keeps decoding where it was and its registers say so again.
+    fn relocate(&self, slot: u8, device: &SharedPciDevice, m: &BarMove) {
+        let result = match &self.window {
+            Some(window) => move_bar(window, device, m.bar, m.new).map(|_| ()),
+            None => Err(PciError::BarPlacement(m.new, "no PCI window".into())),
+        };
+        match result {
+            Ok(()) => {
+                static MOVED: crate::RateLimit = crate::RateLimit::new();
+                if MOVED.admit().is_some() {
+                    log::info!(
+                        "pci: 00:{slot:02x}.0 BAR {} moved {:#x} -> {:#x} ({:#x} bytes)",
+                        m.bar,
+                        m.old,
+                        m.new,
+                        m.size
+                    );
+                }
+            }
+            Err(e) => {
+                warn_ratelimited!(
+                    "pci: 00:{slot:02x}.0: the guest moved BAR {} from {:#x} to {:#x}; refused, it stays: {e}",
+                    m.bar,
+                    m.old,
+                    m.new
+                );
+                if let Err(e) = lock(device).move_bar(m.bar, m.old) {
+                    warn_ratelimited!(
+                        "pci: 00:{slot:02x}.0: BAR {} cannot be put back at {:#x}: {e}",
+                        m.bar,
+                        m.old
+                    );
+                }
+            }
         }
     }
 }
@@ -254,78 +315,188 @@ impl BusDevice for PciConfigIo {
     }
 }
 
-/// The PCI memory window as one range of the VMM's MMIO bus, dispatching to the BARs inside it.
+/// The PCI memory window as one range of the VMM's MMIO bus, dispatching to the BARs inside it, and the
+/// allocator that hands out its ranges.
 ///
 /// The VMM's bus is shared read-only with the vCPU threads once they run; BARs of hot-plugged devices come
-/// and go after that, so they live here, behind the window's own lock. An access that hits no BAR reads as
-/// all ones (a master abort) and writes go nowhere, as for an empty slot's BAR range on real hardware.
+/// and go after that, and the guest may move BARs, so they live here, behind the window's own lock. An
+/// access that hits no BAR reads as all ones (a master abort) and writes go nowhere, as for an empty
+/// slot's BAR range on real hardware.
+///
+/// A BAR is known by its device and index, never by its address alone (two BARs may be programmed to the
+/// same address for a moment; only the one that got there first decodes).
 pub struct PciBarWindow {
     base: u64,
     size: u64,
-    /// Keyed by guest-physical address; the bus hands each BAR device its offset within the BAR.
-    bars: Bus,
+    /// Keyed by guest-physical address.
+    bars: BTreeMap<u64, WindowBar>,
+    /// Every range in use: decoding BARs, and ranges held for devices not created yet or ejected and not
+    /// released yet.
+    allocator: BarAllocator,
+}
+
+struct WindowBar {
+    size: u64,
+    device: SharedPciDevice,
+    bar: usize,
 }
 
 impl PciBarWindow {
-    pub fn new(base: u64, size: u64) -> Self {
-        Self {
+    pub fn new(base: u64, size: u64) -> Result<Self, PciError> {
+        Ok(Self {
             base,
             size,
-            bars: Bus::new(),
+            bars: BTreeMap::new(),
+            allocator: BarAllocator::new(base, size)?,
+        })
+    }
+
+    /// A free `size`-byte range aligned to `size` (see [`BarAllocator::allocate`]).
+    pub fn allocate(&mut self, size: u64) -> Result<u64, PciError> {
+        self.allocator.allocate(size)
+    }
+
+    /// The free `size`-byte range at `addr` exactly.
+    pub fn allocate_at(&mut self, addr: u64, size: u64) -> Result<u64, PciError> {
+        self.allocator.allocate_at(addr, size)
+    }
+
+    pub fn free(&mut self, addr: u64, size: u64) -> Result<(), PciError> {
+        self.allocator.free(addr, size)
+    }
+
+    /// Whether `[addr, addr + size)` lies inside the window and no decoding BAR but the one at `except`
+    /// overlaps it.
+    fn check_room(&self, addr: u64, size: u64, except: Option<u64>) -> Result<(), PciError> {
+        let end = addr.checked_add(size).filter(|_| size > 0);
+        if addr < self.base || end.is_none_or(|end| end > self.base + self.size) {
+            return Err(PciError::BarPlacement(
+                addr,
+                format!("outside the PCI window {:#x}+{:#x}", self.base, self.size),
+            ));
+        }
+        let end = addr + size;
+        let clash = self
+            .bars
+            .range(..end)
+            .rev()
+            .filter(|(&at, _)| Some(at) != except)
+            .find(|(&at, b)| at + b.size > addr);
+        match clash {
+            Some((&at, _)) => Err(PciError::BarPlacement(
+                addr,
+                format!("overlaps the BAR at {at:#x}"),
+            )),
+            None => Ok(()),
         }
     }
 
-    /// Decodes every memory BAR of `device` (as its `bars()` reports them) from now on.
+    /// Decodes every memory BAR of `device` (as its `bars()` reports them) from now on. All or nothing.
     pub fn insert_device(&mut self, device: &SharedPciDevice) -> Result<(), PciError> {
         let bars = lock(device).bars();
         for (n, bar) in bars.iter().enumerate() {
-            let inside = bar.addr >= self.base
-                && bar
-                    .addr
-                    .checked_add(bar.size)
-                    .is_some_and(|end| end <= self.base + self.size);
-            let placed = if inside {
-                let bar_device =
-                    Arc::new(Mutex::new(PciBarBusDevice::new(device.clone(), bar.index)));
-                self.bars
-                    .insert(bar_device, bar.addr, bar.size)
-                    .map_err(|e| PciError::BarPlacement(bar.addr, e.to_string()))
-            } else {
-                Err(PciError::BarPlacement(
-                    bar.addr,
-                    format!("outside the PCI window {:#x}+{:#x}", self.base, self.size),
-                ))
-            };
-            if let Err(e) = placed {
-                // All or nothing: the BARs placed so far go again.
+            if let Err(e) = self.check_room(bar.addr, bar.size, None) {
                 for earlier in &bars[..n] {
-                    self.bars.remove(earlier.addr);
+                    self.bars.remove(&earlier.addr);
                 }
                 return Err(e);
             }
+            self.bars.insert(
+                bar.addr,
+                WindowBar {
+                    size: bar.size,
+                    device: device.clone(),
+                    bar: bar.index,
+                },
+            );
         }
         Ok(())
     }
 
-    /// Stops decoding the BARs of `device`; returns how many were removed.
+    /// Stops decoding the BARs of `device`; returns how many were removed. Their ranges stay allocated.
     pub fn remove_device(&mut self, device: &SharedPciDevice) -> usize {
-        let bars = lock(device).bars();
-        bars.iter()
-            .filter(|bar| self.bars.remove(bar.addr).is_some())
-            .count()
+        let before = self.bars.len();
+        self.bars.retain(|_, b| !Arc::ptr_eq(&b.device, device));
+        before - self.bars.len()
+    }
+
+    /// Where BAR `bar` of `device` decodes, if it does.
+    pub fn bar_addr(&self, device: &SharedPciDevice, bar: usize) -> Option<u64> {
+        self.bars
+            .iter()
+            .find(|(_, b)| b.bar == bar && Arc::ptr_eq(&b.device, device))
+            .map(|(&at, _)| at)
+    }
+
+    /// Moves BAR `bar` of `device` to `addr`: the range must be inside the window, naturally aligned and
+    /// free (in the allocator too: ranges held for other devices count). The old range is freed. Returns
+    /// the old address; on error nothing changed. The device is not told (see [`move_bar`]).
+    pub fn move_bar(
+        &mut self,
+        device: &SharedPciDevice,
+        bar: usize,
+        addr: u64,
+    ) -> Result<u64, PciError> {
+        let old = self.bar_addr(device, bar).ok_or_else(|| {
+            PciError::BarPlacement(addr, format!("BAR {bar} of this device does not decode"))
+        })?;
+        if old == addr {
+            return Ok(old);
+        }
+        let size = self.bars.get(&old).map_or(0, |b| b.size);
+        self.check_room(addr, size, Some(old))?;
+        self.allocator.allocate_at(addr, size)?;
+        if let Some(entry) = self.bars.remove(&old) {
+            self.bars.insert(addr, entry);
+        }
+        // A BAR inserted without an allocation (none of the VMM's) has nothing to free.
+        let _ = self.allocator.free(old, size);
+        Ok(old)
+    }
+
+    fn lookup(&self, addr: u64) -> Option<(&WindowBar, u64)> {
+        let (&at, bar) = self.bars.range(..=addr).next_back()?;
+        let offset = addr - at;
+        (offset < bar.size).then_some((bar, offset))
     }
 }
 
 impl BusDevice for PciBarWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if self.bars.read(self.base + offset, data).is_err() {
-            data.fill(0xff);
+        match self.lookup(self.base.wrapping_add(offset)) {
+            Some((bar, at)) => lock(&bar.device).bar_read(bar.bar, at, data),
+            None => data.fill(0xff),
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let _ = self.bars.write(self.base + offset, data);
+        if let Some((bar, at)) = self.lookup(self.base.wrapping_add(offset)) {
+            lock(&bar.device).bar_write(bar.bar, at, data);
+        }
     }
+}
+
+/// Moves BAR `bar` of `device` to `addr`: in `window` first, then in the device ([`PciDevice::move_bar`]:
+/// its configuration and notification ioeventfds). All or nothing: on error both are as they were. Returns
+/// the old address. Neither lock is held while the other is taken.
+pub fn move_bar(
+    window: &Mutex<PciBarWindow>,
+    device: &SharedPciDevice,
+    bar: usize,
+    addr: u64,
+) -> Result<u64, PciError> {
+    let old = lock_window(window).move_bar(device, bar, addr)?;
+    if let Err(e) = lock(device).move_bar(bar, addr) {
+        if let Err(back) = lock_window(window).move_bar(device, bar, old) {
+            log::error!("pci: BAR {bar} cannot go back to {old:#x} in the window: {back}");
+        }
+        return Err(e);
+    }
+    Ok(old)
+}
+
+fn lock_window(window: &Mutex<PciBarWindow>) -> std::sync::MutexGuard<'_, PciBarWindow> {
+    window.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Puts one BAR of a PCI device on the MMIO bus: bus offsets are BAR offsets.
@@ -354,14 +525,22 @@ mod tests {
     use super::*;
     use crate::pci::PciBarInfo;
 
-    /// A function with a scratch dword at 0x40 and one BAR.
+    const WINDOW: u64 = 0xc000_0000;
+    const WINDOW_SIZE: u64 = 0x2000_0000;
+
+    /// A function with a scratch dword at 0x40 and one 4 KiB BAR whose reads return the BAR offset's low
+    /// byte plus `tag`.
     struct Dummy {
         config: PciConfiguration,
+        tag: u8,
         last_bar_write: Option<(usize, u64, Vec<u8>)>,
+        /// Where `move_bar` was told the BAR goes, in order.
+        moved_to: Vec<u64>,
+        refuse_moves: bool,
     }
 
     impl Dummy {
-        fn new() -> Self {
+        fn at(bar: u64, tag: u8) -> Self {
             let mut config = PciConfiguration::new(&PciHeader {
                 vendor_id: 0x1af4,
                 device_id: 0x1044,
@@ -370,12 +549,19 @@ mod tests {
                 subsystem_vendor_id: 0x1af4,
                 subsystem_id: 0x40,
             });
-            config.add_bar(0, 0xc000_0000, 0x1000).unwrap();
+            config.add_bar(0, bar, 0x1000).unwrap();
             config.set_writable(0x40, u32::MAX, 4);
             Self {
                 config,
+                tag,
                 last_bar_write: None,
+                moved_to: Vec::new(),
+                refuse_moves: false,
             }
+        }
+
+        fn new() -> Self {
+            Self::at(WINDOW, 0)
         }
     }
 
@@ -383,14 +569,25 @@ mod tests {
         fn config_read(&mut self, reg: usize) -> u32 {
             self.config.read_reg(reg)
         }
-        fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
-            self.config.write_reg(reg, offset, data);
+        fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+            self.config.write_reg(reg, offset, data)
         }
         fn bars(&self) -> Vec<PciBarInfo> {
             self.config.bars()
         }
+        fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill((offset as u8).wrapping_add(self.tag));
+        }
         fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
             self.last_bar_write = Some((bar, offset, data.to_vec()));
+        }
+        fn move_bar(&mut self, bar: usize, addr: u64) -> Result<(), PciError> {
+            if self.refuse_moves && addr != self.moved_to.last().copied().unwrap_or(WINDOW) {
+                return Err(PciError::InvalidBar(bar));
+            }
+            self.config.set_bar_addr(bar, addr)?;
+            self.moved_to.push(addr);
+            Ok(())
         }
     }
 
@@ -410,6 +607,12 @@ mod tests {
         let mut data = vec![0u8; len];
         e.read(slot << 15 | reg, &mut data);
         data.iter().rev().fold(0, |a, b| a << 8 | u32::from(*b))
+    }
+
+    fn window_read(window: &Mutex<PciBarWindow>, addr: u64) -> u8 {
+        let mut d = [0u8; 1];
+        lock_window(window).read(addr - WINDOW, &mut d);
+        d[0]
     }
 
     #[test]
@@ -490,37 +693,186 @@ mod tests {
             Some((0, 0x10, vec![1, 2]))
         );
         let mut d = [0xaa; 4];
-        bar.read(0, &mut d);
-        assert_eq!(d, [0; 4]);
+        bar.read(3, &mut d);
+        assert_eq!(d, [3; 4]);
     }
 
     #[test]
     fn bar_window_dispatches_and_forgets_removed_devices() {
-        let mut window = PciBarWindow::new(0xc000_0000, 0x2000_0000);
+        let mut window = PciBarWindow::new(WINDOW, WINDOW_SIZE).unwrap();
         let dummy: SharedPciDevice = Arc::new(Mutex::new(Dummy::new()));
         window.insert_device(&dummy).unwrap();
         window.write(0x10, &[5, 6]);
         let mut d = [0xaau8; 2];
         window.read(0x10, &mut d);
-        assert_eq!(d, [0, 0], "the dummy's BAR reads zeros");
+        assert_eq!(d, [0x10, 0x10], "the dummy's BAR answers");
         let mut miss = [0u8; 4];
         window.read(0x1000, &mut miss);
         assert_eq!(miss, [0xff; 4], "no BAR there");
         // The same BAR twice overlaps.
         assert!(matches!(
             window.insert_device(&dummy),
-            Err(PciError::BarPlacement(0xc000_0000, _))
+            Err(PciError::BarPlacement(WINDOW, _))
         ));
+        assert_eq!(window.bar_addr(&dummy, 0), Some(WINDOW));
         assert_eq!(window.remove_device(&dummy), 1);
         assert_eq!(window.remove_device(&dummy), 0);
+        assert_eq!(window.bar_addr(&dummy, 0), None);
         window.read(0x10, &mut d);
         assert_eq!(d, [0xff; 2]);
         // A BAR outside the window is refused.
-        let mut narrow = PciBarWindow::new(0xd000_0000, 0x1000);
+        let mut narrow = PciBarWindow::new(0xd000_0000, 0x1000).unwrap();
         assert!(matches!(
             narrow.insert_device(&dummy),
-            Err(PciError::BarPlacement(0xc000_0000, _))
+            Err(PciError::BarPlacement(WINDOW, _))
         ));
+        assert!(PciBarWindow::new(WINDOW, 0).is_err());
+    }
+
+    /// A window with devices A (tag 0) and B (tag 0x80) at its first two pages, both allocated.
+    fn two_devices() -> (Arc<Mutex<PciBarWindow>>, SharedPciDevice, SharedPciDevice) {
+        let window = Arc::new(Mutex::new(PciBarWindow::new(WINDOW, WINDOW_SIZE).unwrap()));
+        let a: SharedPciDevice = Arc::new(Mutex::new(Dummy::at(WINDOW, 0)));
+        let b: SharedPciDevice = Arc::new(Mutex::new(Dummy::at(WINDOW + 0x1000, 0x80)));
+        {
+            let mut w = lock_window(&window);
+            for d in [&a, &b] {
+                let bar = lock(d).bars()[0];
+                w.allocate_at(bar.addr, bar.size).unwrap();
+                w.insert_device(d).unwrap();
+            }
+        }
+        (window, a, b)
+    }
+
+    #[test]
+    fn window_moves_refuse_overlaps_and_the_outside() {
+        let (window, a, b) = two_devices();
+        let mut w = lock_window(&window);
+        // A free, aligned range: moved; the old range decodes nothing and is free again.
+        assert_eq!(w.move_bar(&a, 0, WINDOW + 0x4000).unwrap(), WINDOW);
+        assert_eq!(w.bar_addr(&a, 0), Some(WINDOW + 0x4000));
+        drop(w);
+        assert_eq!(window_read(&window, WINDOW + 0x4005), 5);
+        assert_eq!(window_read(&window, WINDOW + 0x5), 0xff);
+        assert_eq!(window_read(&window, WINDOW + 0x1005), 0x85, "B untouched");
+        let mut w = lock_window(&window);
+        assert!(w.allocate_at(WINDOW + 0x4000, 0x1000).is_err(), "new taken");
+        assert_eq!(w.allocate(0x1000).unwrap(), WINDOW, "old freed");
+        w.free(WINDOW, 0x1000).unwrap();
+        // Refused, changing nothing: onto B, onto a range held for a device not created yet, outside
+        // the window, straddling its end, misaligned, a BAR that does not exist.
+        let refused = [
+            WINDOW + 0x1000,
+            WINDOW + 0x8000,
+            0xb000_0000,
+            0xe000_0000,
+            WINDOW + WINDOW_SIZE - 0x800,
+            WINDOW + 0x2800,
+        ];
+        w.allocate_at(WINDOW + 0x8000, 0x1000).unwrap();
+        for addr in refused {
+            assert!(w.move_bar(&a, 0, addr).is_err(), "{addr:#x}");
+            assert_eq!(w.bar_addr(&a, 0), Some(WINDOW + 0x4000), "{addr:#x}");
+        }
+        assert!(w.move_bar(&a, 1, WINDOW + 0x2000).is_err());
+        // Moving onto itself is no move.
+        assert_eq!(w.move_bar(&a, 0, WINDOW + 0x4000).unwrap(), WINDOW + 0x4000);
+        // A removed device has nothing to move.
+        w.remove_device(&b);
+        assert!(w.move_bar(&b, 0, WINDOW + 0x2000).is_err());
+        // Its range is still held (until the VMM frees it): nobody moves onto it.
+        assert!(w.move_bar(&a, 0, WINDOW + 0x1000).is_err());
+    }
+
+    /// The guest's view: ECAM on a root that knows the window.
+    fn guest_root() -> (
+        PciConfigMmio,
+        Arc<Mutex<PciBarWindow>>,
+        Arc<Mutex<Dummy>>,
+        SharedPciDevice,
+    ) {
+        let window = Arc::new(Mutex::new(PciBarWindow::new(WINDOW, WINDOW_SIZE).unwrap()));
+        let a = Arc::new(Mutex::new(Dummy::at(WINDOW, 0)));
+        let b: SharedPciDevice = Arc::new(Mutex::new(Dummy::at(WINDOW + 0x1000, 0x80)));
+        let mut root = PciRoot::new();
+        root.set_bar_window(window.clone());
+        let shared_a: SharedPciDevice = a.clone();
+        for (slot, d) in [(1, &shared_a), (2, &b)] {
+            let bar = lock(d).bars()[0];
+            let mut w = lock_window(&window);
+            w.allocate_at(bar.addr, bar.size).unwrap();
+            w.insert_device(d).unwrap();
+            drop(w);
+            root.add_device(slot, d.clone()).unwrap();
+        }
+        (PciConfigMmio::new(Arc::new(Mutex::new(root))), window, a, b)
+    }
+
+    fn ecam_write(e: &mut PciConfigMmio, slot: u64, reg: u64, value: u32) {
+        e.write(slot << 15 | reg, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn guest_moves_go_through_the_window() {
+        let (mut e, window, a, _) = guest_root();
+        let shared: SharedPciDevice = a.clone();
+        // Decoding off, new address, decoding on: the BAR decodes there and nowhere else.
+        ecam_write(&mut e, 1, 0x04, 0);
+        ecam_write(&mut e, 1, 0x10, 0xd000_0000);
+        assert_eq!(window_read(&window, WINDOW + 7), 7, "not moved yet");
+        ecam_write(&mut e, 1, 0x04, 0x2);
+        assert_eq!(ecam_read(&mut e, 1, 0x10, 4), 0xd000_0000);
+        assert_eq!(window_read(&window, 0xd000_0007), 7);
+        assert_eq!(window_read(&window, WINDOW + 7), 0xff);
+        assert_eq!(a.lock().unwrap().moved_to, [0xd000_0000]);
+        assert_eq!(lock_window(&window).bar_addr(&shared, 0), Some(0xd000_0000));
+        // Decoding on: a write moves it at once; sizing in between does not.
+        ecam_write(&mut e, 1, 0x10, u32::MAX);
+        assert_eq!(ecam_read(&mut e, 1, 0x10, 4), 0xffff_f000);
+        ecam_write(&mut e, 1, 0x10, 0xd000_0000);
+        ecam_write(&mut e, 1, 0x10, 0xc010_0000);
+        assert_eq!(window_read(&window, 0xc010_0001), 1);
+        assert_eq!(window_read(&window, 0xd000_0001), 0xff);
+        assert_eq!(a.lock().unwrap().moved_to, [0xd000_0000, 0xc010_0000]);
+    }
+
+    #[test]
+    fn refused_guest_moves_leave_the_bar_where_it_was() {
+        let (mut e, window, a, _) = guest_root();
+        ecam_write(&mut e, 1, 0x04, 0x2);
+        // Onto B, outside the window (into ECAM, below it), to 0: each put back at once.
+        for addr in [WINDOW + 0x1000, 0xe000_0000, 0x8000_0000, 0] {
+            ecam_write(&mut e, 1, 0x10, addr as u32);
+            assert_eq!(ecam_read(&mut e, 1, 0x10, 4), WINDOW as u32, "{addr:#x}");
+            assert_eq!(window_read(&window, WINDOW + 3), 3);
+            assert_eq!(window_read(&window, WINDOW + 0x1003), 0x83, "B still there");
+        }
+        // With decoding off the registers hold the value, and enabling puts it back.
+        ecam_write(&mut e, 1, 0x04, 0);
+        ecam_write(&mut e, 1, 0x10, WINDOW as u32 + 0x1000);
+        assert_eq!(ecam_read(&mut e, 1, 0x10, 4), WINDOW as u32 + 0x1000);
+        ecam_write(&mut e, 1, 0x04, 0x2);
+        assert_eq!(ecam_read(&mut e, 1, 0x10, 4), WINDOW as u32);
+        // A device that cannot move its side: the window goes back too.
+        a.lock().unwrap().refuse_moves = true;
+        ecam_write(&mut e, 1, 0x10, 0xd000_0000);
+        assert_eq!(ecam_read(&mut e, 1, 0x10, 4), WINDOW as u32);
+        assert_eq!(window_read(&window, WINDOW + 3), 3);
+        assert_eq!(window_read(&window, 0xd000_0003), 0xff);
+        let mut w = lock_window(&window);
+        assert_eq!(w.allocate_at(0xd000_0000, 0x1000).unwrap(), 0xd000_0000);
+        assert!(w.allocate_at(WINDOW, 0x1000).is_err(), "still held");
+    }
+
+    #[test]
+    fn without_a_window_moves_are_refused() {
+        let (root, dummy) = root_with_dummy();
+        let mut e = PciConfigMmio::new(root);
+        ecam_write(&mut e, 1, 0x04, 0x2);
+        ecam_write(&mut e, 1, 0x10, 0xd000_0000);
+        assert_eq!(ecam_read(&mut e, 1, 0x10, 4), WINDOW as u32);
+        assert_eq!(dummy.lock().unwrap().config.bars()[0].addr, WINDOW);
     }
 
     #[test]

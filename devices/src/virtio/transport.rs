@@ -11,6 +11,10 @@
 //! BAR itself signals the same eventfd, so the device also works without KVM). Interrupts go out through
 //! MSI-X only: these functions have no INTx pin.
 //!
+//! The guest may move BAR 0 (see `pci::configuration`); the owner moves its mapping and calls
+//! [`PciDevice::move_bar`], which moves the ioeventfds with it (the MSI-X table and PBA are inside the BAR
+//! and follow through the mapping).
+//!
 //! The driver is not trusted: out-of-range queue selections read as absent queues, queue configuration
 //! is frozen once the queue is enabled or the device is live, features outside the offer or without
 //! VIRTIO_F_VERSION_1 keep FEATURES_OK clear, status bits cannot be cleared except by a reset, and a
@@ -23,7 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::pci::configuration::{PciBarInfo, PciConfiguration, PciHeader};
+use crate::pci::configuration::{BarMove, PciBarInfo, PciConfiguration, PciHeader};
 use crate::pci::msi::InterruptRouter;
 use crate::pci::msix::{MsixConfig, MsixError, MSIX_CTRL_OFFSET};
 use crate::pci::{PciDevice, PciError};
@@ -228,6 +232,8 @@ pub struct VirtioPciDevice {
     config_generation: u8,
     msix_cap: usize,
     pci_cfg_cap: usize,
+    /// Where the queue eventfds are registered as ioeventfds, if they are.
+    notify: Option<notify::Registration>,
 }
 
 impl VirtioPciDevice {
@@ -320,6 +326,7 @@ impl VirtioPciDevice {
             config_generation: 0,
             msix_cap,
             pci_cfg_cap,
+            notify: None,
         })
     }
 
@@ -338,21 +345,17 @@ impl VirtioPciDevice {
         self.device.device_type()
     }
 
+    /// Where BAR 0 decodes now (it moves when the guest reprograms it).
     pub fn bar_addr(&self) -> u64 {
         self.bar_addr
     }
 
-    /// (guest address, eventfd) per queue, to register as KVM ioeventfds (any width, no datamatch).
+    /// (guest address, eventfd) per queue at the current BAR 0 (see [`Self::register_ioeventfds`]).
     pub fn ioeventfds(&self) -> Vec<(u64, &EventFd)> {
         self.queue_events
             .iter()
             .enumerate()
-            .map(|(i, e)| {
-                (
-                    self.bar_addr + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
-                    e,
-                )
-            })
+            .map(|(i, e)| (notify::notify_addr(self.bar_addr, i), e))
             .collect()
     }
 
@@ -720,8 +723,8 @@ impl PciDevice for VirtioPciDevice {
         self.config.read_reg(reg)
     }
 
-    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
-        self.config.write_reg(reg, offset, data);
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+        let moves = self.config.write_reg(reg, offset, data);
         if reg == self.msix_cap / 4 && offset + data.len() as u64 > MSIX_CTRL_OFFSET as u64 {
             let ctrl = self.config.read_field(self.msix_cap + MSIX_CTRL_OFFSET, 2) as u16;
             self.interrupt.lock().msix.set_control(ctrl);
@@ -732,10 +735,28 @@ impl PciDevice for VirtioPciDevice {
                 self.bar_write(0, bar_offset, &value[..length]);
             }
         }
+        moves
     }
 
     fn bars(&self) -> Vec<PciBarInfo> {
         self.config.bars()
+    }
+
+    /// BAR 0 decodes at `addr` from now on: configuration, notification ioeventfds and [`Self::bar_addr`]
+    /// follow. On error nothing changed.
+    fn move_bar(&mut self, bar: usize, addr: u64) -> Result<(), PciError> {
+        let before = match self.config.bars().first() {
+            Some(b) if bar == 0 => b.addr,
+            _ => return Err(PciError::InvalidBar(bar)),
+        };
+        self.config.set_bar_addr(0, addr)?;
+        if let Err(e) = self.move_ioeventfds(addr) {
+            // `before` was accepted once, so it is accepted again.
+            let _ = self.config.set_bar_addr(0, before);
+            return Err(e);
+        }
+        self.bar_addr = addr;
+        Ok(())
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
@@ -805,8 +826,10 @@ impl Drop for VirtioPciDevice {
     }
 }
 
+mod notify;
 mod state;
 #[cfg(test)]
 mod tests;
 
+pub use notify::IoEventRegistrar;
 pub use state::{PciQueueState, VirtioPciState};

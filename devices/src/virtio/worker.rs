@@ -1,6 +1,9 @@
 //! The thread that serves a device's queues: an epoll loop over the queues' notification eventfds
 //! (ioeventfds registered with KVM), any other descriptor the device waits on, and a stop eventfd.
 //!
+//! A handler can also ask for a call at a point in time ([`QueueHandler::next_deadline`]): the wait's
+//! timeout is computed from it, so timers cost no descriptor and no polling.
+//!
 //! A worker can be paused: its thread ends and hands back everything it owned (the handler with its queues
 //! and backend state, the epoll set), so that nothing touches guest memory while a snapshot is written and
 //! the queues can be read; `resume` serves again from the same state on a new thread. Notifications that
@@ -10,6 +13,7 @@ use std::any::Any;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -27,6 +31,17 @@ pub trait QueueHandler: Any + Send {
     fn handle_queue(&mut self, index: usize) -> Result<(), String>;
     /// Every virtqueue of the device, in virtio queue-index order (for snapshots).
     fn queues(&self) -> Vec<&Queue>;
+    /// The earliest time the handler wants [`Self::handle_deadline`] called, if any. Asked before every
+    /// wait, so a new deadline takes effect once the current batch is served.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// Called once [`Self::next_deadline`] has passed (late by the length of a batch at most, or by a
+    /// pause); it must move or drop every deadline up to `now`. An error means the device cannot go on
+    /// without a reset.
+    fn handle_deadline(&mut self, _now: Instant) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// What a worker waits on.
@@ -35,6 +50,9 @@ pub enum Source {
     Event(EventFd),
     /// A descriptor the handler drains itself (a tap), edge-triggered: the handler runs once per edge.
     Edge(OwnedFd),
+    /// A descriptor the handler drains itself, level-triggered: the handler runs after every wait that
+    /// finds it still ready (a nested epoll set served a batch at a time).
+    Level(OwnedFd),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +118,7 @@ impl Worker {
             let (fd, events) = match source {
                 Source::Event(e) => (e.as_raw_fd(), EventSet::IN),
                 Source::Edge(fd) => (fd.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
+                Source::Level(fd) => (fd.as_raw_fd(), EventSet::IN),
             };
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, i as u64))?;
         }
@@ -220,7 +239,12 @@ impl Drop for Worker {
 fn serve(mut parts: Parts, label: &str, interrupt: &dyn VirtioInterrupt) -> Parts {
     let mut ready = [EpollEvent::default(); 16];
     loop {
-        let n = match parts.epoll.wait(-1, &mut ready) {
+        let deadline = if parts.broken {
+            None
+        } else {
+            parts.handler.next_deadline()
+        };
+        let n = match parts.epoll.wait(wait_timeout_ms(deadline), &mut ready) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -256,7 +280,34 @@ fn serve(mut parts: Parts, label: &str, interrupt: &dyn VirtioInterrupt) -> Part
         if stop {
             return parts;
         }
+        // Asked again: the batch may have moved or dropped the deadline the wait was timed for.
+        let due = if parts.broken {
+            None
+        } else {
+            parts.handler.next_deadline()
+        };
+        if let Some(deadline) = due {
+            let now = Instant::now();
+            if now >= deadline {
+                if let Err(e) = parts.handler.handle_deadline(now) {
+                    warn_ratelimited!("virtio-{label}: timer failed, device needs reset: {e}");
+                    interrupt.set_needs_reset();
+                    parts.broken = true;
+                }
+            }
+        }
     }
+}
+
+/// The epoll timeout that wakes at `deadline` (-1: none). Rounded up, so the wait never ends before the
+/// deadline and the loop does not spin through its last fraction of a millisecond.
+fn wait_timeout_ms(deadline: Option<Instant>) -> i32 {
+    let Some(deadline) = deadline else {
+        return -1;
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    i32::try_from(ms).unwrap_or(i32::MAX)
 }
 
 /// [`crate::virtio::VirtioDevice::pause`] for a device whose data path is `worker` (if started).
@@ -421,6 +472,96 @@ mod tests {
         notify.write(1).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(flags.calls.load(Ordering::SeqCst), 3, "stopped");
+    }
+
+    /// Asks for a call at each of `due` in turn; records when each came.
+    struct Timed {
+        due: Vec<Instant>,
+        fired: Arc<std::sync::Mutex<Vec<Instant>>>,
+        queue: Queue,
+    }
+
+    impl QueueHandler for Timed {
+        fn handle_queue(&mut self, _index: usize) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn queues(&self) -> Vec<&Queue> {
+            vec![&self.queue]
+        }
+
+        fn next_deadline(&self) -> Option<Instant> {
+            self.due.first().copied()
+        }
+
+        fn handle_deadline(&mut self, now: Instant) -> Result<(), String> {
+            assert!(now >= self.due[0], "called early");
+            self.due.remove(0);
+            self.fired.lock().unwrap().push(now);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn deadlines_fire_without_any_notification_and_survive_a_pause() {
+        let flags = Arc::new(Flags::default());
+        let start = Instant::now();
+        let due = vec![
+            start + Duration::from_millis(30),
+            start + Duration::from_millis(60),
+            start + Duration::from_millis(200),
+        ];
+        let fired = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let handler = Box::new(Timed {
+            due: due.clone(),
+            fired: fired.clone(),
+            queue: Queue::new(16).unwrap(),
+        });
+        let evts = vec![EventFd::new(EFD_NONBLOCK).unwrap()];
+        let mut w = Worker::spawn("t", evts, handler, flags.clone()).unwrap();
+        wait_for(|| fired.lock().unwrap().len() == 2);
+        // Paused past the third deadline: it fires once the worker serves again.
+        w.pause().unwrap();
+        std::thread::sleep(due[2].saturating_duration_since(Instant::now()));
+        assert_eq!(fired.lock().unwrap().len(), 2);
+        w.resume().unwrap();
+        wait_for(|| fired.lock().unwrap().len() == 3);
+        let fired = fired.lock().unwrap();
+        for (at, want) in fired.iter().zip(&due) {
+            assert!(at >= want);
+        }
+        assert!(!flags.needs_reset.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn rounded_wait_timeouts() {
+        assert_eq!(wait_timeout_ms(None), -1);
+        let past = Instant::now() - Duration::from_millis(5);
+        assert_eq!(wait_timeout_ms(Some(past)), 0);
+        let soon = Instant::now() + Duration::from_micros(300);
+        assert_eq!(
+            wait_timeout_ms(Some(soon)),
+            1,
+            "a fraction of a ms waits a whole one"
+        );
+        let far = Instant::now() + Duration::from_secs(1 << 40);
+        assert_eq!(wait_timeout_ms(Some(far)), i32::MAX);
+    }
+
+    #[test]
+    fn level_sources_are_served_until_the_handler_drains_them() {
+        let flags = Arc::new(Flags::default());
+        let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        reader.set_nonblocking(true).unwrap();
+        let sources = vec![Source::Level(OwnedFd::from(reader.try_clone().unwrap()))];
+        let w = Worker::spawn_sources("t", sources, Handler::boxed(&flags, false), flags.clone())
+            .unwrap();
+        // The handler never reads: the byte keeps the source ready, so it is served again and again.
+        std::io::Write::write_all(&mut writer, b"x").unwrap();
+        wait_for(|| flags.calls.load(Ordering::SeqCst) >= 3);
+        drop(w);
+        let mut byte = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &reader, &mut byte).unwrap(), 1);
     }
 
     #[test]

@@ -139,3 +139,7 @@ pub const SIGNAL_HOTPLUG_ADDED: u32 = 0x130;
 pub const SIGNAL_HOTPLUG_BLK_READ: u32 = 0x131;
 /// `hotplug`: a device was reset and ejected (arg = slot).
 pub const SIGNAL_HOTPLUG_EJECTED: u32 = 0x132;
+/// `barmove` (34: clear of the ids other workloads take).
+pub const WORKLOAD_ID_BARMOVE: u64 = 34;
+/// `barmove`: the BAR moved and the device works there; snapshot now (arg = the new BAR address).
+pub const SIGNAL_BARMOVE_READY: u32 = 0x140;

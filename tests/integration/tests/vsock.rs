@@ -1,17 +1,22 @@
 //! virtio-vsock in hybrid mode end to end: host clients reach the test guest's echo server through the
 //! VMM's Unix socket (`CONNECT <port>\n` -> `OK <port>\n`), and the guest reaches a host server listening
-//! on `<socket>_<port>`.
+//! on `<socket>_<port>`. Peers that never answer (a stuck guest, a host client that never finishes its
+//! CONNECT line) are timed out by the VMM.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration::{require_kvm, run_to_exit, test_guest_path, VmmProcess, GUEST_CONSOLE};
 
 const TRENV: &str = env!("CARGO_BIN_EXE_trenv");
 const TIMEOUT: Duration = Duration::from_secs(60);
 const CID: u32 = 3;
+/// How long the VMM gives the guest to answer a host CONNECT, and a host client to send its CONNECT line
+/// (devices::virtio::vsock::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT}).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Scratch(PathBuf);
 
@@ -185,16 +190,115 @@ fn connect_to_a_port_nobody_serves_is_refused_by_the_guest() {
     let scratch = Scratch::new("refused");
     let socket = scratch.socket();
     let mut vmm = echo_guest(&socket, 10, 1);
-    // Wrong port: the guest answers RST, the client sees EOF instead of OK.
+    // Wrong port: the guest answers RST, the client sees EOF instead of OK, promptly (the guest's answer,
+    // not the VMM's timeout).
     let mut stream = UnixStream::connect(&socket).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let start = Instant::now();
     stream.write_all(b"CONNECT 11\n").unwrap();
     let mut buf = [0u8; 16];
     assert_eq!(stream.read(&mut buf).unwrap(), 0);
+    let waited = start.elapsed();
+    assert!(
+        waited < CONNECT_TIMEOUT * 3 / 4,
+        "closed after {waited:?}: not by the guest's RST"
+    );
     // The right one still works.
     let (stream, _) = host_connect(&socket, 10);
     assert_eq!(echo_round_trip(stream, b"still here"), b"still here");
     assert!(vmm.wait_exit(TIMEOUT).is_some_and(|s| s.success()));
+}
+
+/// Reads one line (without consuming more), or None at EOF.
+fn read_line(stream: &mut UnixStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if stream.read(&mut byte).unwrap() == 0 {
+            return None;
+        }
+        if byte[0] == b'\n' {
+            return Some(String::from_utf8(line).unwrap());
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// The function runtime (`function ... cold=1`): a request line `sleep=MS` keeps the guest from serving
+/// the device for MS ms, which is how a stuck guest is made here.
+#[test]
+fn clients_left_hanging_by_a_stuck_guest_or_their_own_line_are_closed() {
+    require_kvm();
+    let scratch = Scratch::new("stuck");
+    let socket = scratch.socket();
+    let cmdline = format!("{GUEST_CONSOLE} function seed=7 heap=4 port=5000 cold=1");
+    let vsock = vsock_arg(&socket);
+    let vmm = VmmProcess::spawn(
+        TRENV,
+        &[
+            "--kernel",
+            test_guest_path(),
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "size=128M",
+            "--serial",
+            "tty",
+            "--vsock",
+            &vsock,
+        ],
+    );
+    let listening = vmm.wait_for_line(TIMEOUT, |l| l.starts_with("function: listening"));
+    assert!(listening.is_some(), "{}\n{}", vmm.stdout(), vmm.stderr());
+
+    // A client that never finishes its CONNECT line; its clock starts now.
+    let mut partial = UnixStream::connect(&socket).unwrap();
+    partial.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let partial_start = Instant::now();
+    partial.write_all(b"CONNECT 50").unwrap();
+
+    // The guest answers this one, then stops serving the device for 6 s.
+    let sleep = Duration::from_secs(6);
+    let (mut busy, _) = host_connect(&socket, 5000);
+    busy.write_all(format!("sleep={}\n", sleep.as_millis()).as_bytes())
+        .unwrap();
+    let asleep = Instant::now();
+    // Let the guest take that line before the next REQUEST is queued behind it.
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Nobody answers this REQUEST: the VMM closes the client after its timeout, long before the guest
+    // wakes up.
+    let mut stuck = UnixStream::connect(&socket).unwrap();
+    stuck.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let start = Instant::now();
+    stuck.write_all(b"CONNECT 5000\n").unwrap();
+    assert_eq!(read_line(&mut stuck), None, "no OK from a stuck guest");
+    let waited = start.elapsed();
+    assert!(
+        waited >= CONNECT_TIMEOUT - Duration::from_millis(50) && start + waited < asleep + sleep,
+        "closed after {waited:?}"
+    );
+
+    // The half-sent line is dropped after its own timeout.
+    let mut buf = [0u8; 8];
+    assert_eq!(partial.read(&mut buf).unwrap(), 0);
+    let waited = partial_start.elapsed();
+    assert!(
+        waited >= HANDSHAKE_TIMEOUT - Duration::from_millis(50) && waited < TIMEOUT,
+        "partial line closed after {waited:?}"
+    );
+
+    // The guest wakes, answers its request and, its late answer to the dropped REQUEST refused by an
+    // RST, serves new clients as before.
+    assert_eq!(
+        read_line(&mut busy).as_deref(),
+        Some(format!("7 ok sleep={} dirty=0", sleep.as_millis()).as_str())
+    );
+    let (mut fresh, _) = host_connect(&socket, 5000);
+    fresh.write_all(b"12\n").unwrap();
+    let answer = read_line(&mut fresh).expect("an answer");
+    assert!(answer.starts_with("7 0x"), "{answer}");
+    drop(vmm);
 }
 
 /// A host echo server on `<socket>_<port>`, serving connections until the listener is dropped.

@@ -437,6 +437,12 @@ fn live_driver() -> Driver {
 
 /// Makes descriptor `n` (64 device-writable bytes) available as the n-th chain and notifies.
 fn request(d: &mut Driver, n: u16) {
+    post(d, n);
+    d.write(NOTIFY_OFFSET, 2, 0);
+}
+
+/// Makes descriptor `n` available as the n-th chain, without a notification.
+fn post(d: &Driver, n: u16) {
     let buf = 0x10000 + 0x100 * u64::from(n);
     write_descs(&d.mem, DESC_TABLE, n, &[Desc::new(buf, 64, F_WRITE, 0)]);
     let slot = AVAIL_RING + 4 + 2 * u64::from(n);
@@ -444,7 +450,6 @@ fn request(d: &mut Driver, n: u16) {
     d.mem
         .write_obj(n + 1, GuestAddress(AVAIL_RING + 2))
         .unwrap();
-    d.write(NOTIFY_OFFSET, 2, 0);
 }
 
 fn used_idx(mem: &GuestMemory) -> u16 {
@@ -623,7 +628,6 @@ fn hostile_states_are_refused_and_change_nothing() {
         }),
         ("undefined status bit", |s| s.status |= 0x10),
         ("undefined ISR bit", |s| s.isr = 0x80),
-        ("BAR moved", |s| s.config_space[4] = 0xd000_0000),
         ("truncated configuration space", |s| {
             s.config_space.truncate(10)
         }),
@@ -714,4 +718,104 @@ fn the_interrupt_observer_hears_interrupts_without_msix_and_not_suppressed_ones(
     wait_for(|| used_idx(&mem) == 2);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(heard.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn ioeventfds_follow_a_moved_bar() {
+    use super::notify::test_util::RecordingRegistrar;
+    const NEW: u64 = 0xd000_0000;
+    let registrar = Arc::new(RecordingRegistrar::default());
+    let mut d = live_driver();
+    d.dev.register_ioeventfds(registrar.clone()).unwrap();
+    assert_eq!(registrar.addresses(), [BAR + NOTIFY_OFFSET]);
+    // The guest turns decoding on and moves BAR 0: the configuration reports it; the owner (after
+    // moving its mapping) moves the device.
+    assert!(d.dev.config_write(1, 0, &[0x06]).is_empty());
+    let moves = d.dev.config_write(4, 0, &(NEW as u32).to_le_bytes());
+    assert_eq!(
+        moves,
+        vec![BarMove {
+            bar: 0,
+            old: BAR,
+            new: NEW,
+            size: VIRTIO_PCI_BAR_SIZE
+        }]
+    );
+    assert_eq!(d.dev.bar_addr(), BAR, "not moved until the owner says so");
+    d.dev.move_bar(0, NEW).unwrap();
+    assert_eq!(d.dev.bar_addr(), NEW);
+    assert_eq!(d.cfg32(0x10), NEW as u32);
+    assert_eq!(registrar.addresses(), [NEW + NOTIFY_OFFSET]);
+    assert_eq!(d.dev.ioeventfds()[0].0, NEW + NOTIFY_OFFSET);
+
+    // A notify at the old address reaches nothing; at the new one it reaches the queue.
+    post(&d, 0);
+    assert!(!registrar.guest_write(BAR + NOTIFY_OFFSET));
+    std::thread::sleep(Duration::from_millis(30));
+    let mem = d.mem.clone();
+    assert_eq!(used_idx(&mem), 0);
+    assert!(registrar.guest_write(NEW + NOTIFY_OFFSET));
+    wait_for(|| used_idx(&mem) == 1);
+
+    // A move whose ioeventfds cannot be registered changes nothing; nor do impossible moves.
+    const OTHER: u64 = 0xd001_0000;
+    *registrar.refuse.lock().unwrap() = Some(OTHER + NOTIFY_OFFSET);
+    assert!(matches!(
+        d.dev.move_bar(0, OTHER),
+        Err(PciError::Ioeventfd { addr, .. }) if addr == OTHER + NOTIFY_OFFSET
+    ));
+    assert!(d.dev.move_bar(0, NEW + 0x1000).is_err(), "misaligned");
+    assert!(d.dev.move_bar(1, OTHER).is_err(), "no BAR 1");
+    assert_eq!(d.dev.bar_addr(), NEW);
+    assert_eq!(d.cfg32(0x10), NEW as u32);
+    assert_eq!(d.dev.bars()[0].addr, NEW);
+    assert_eq!(registrar.addresses(), [NEW + NOTIFY_OFFSET]);
+    // A refused guest move is put back with move_bar(old): registers and ioeventfds agree again.
+    *registrar.refuse.lock().unwrap() = None;
+    d.dev.config_write(4, 0, &(OTHER as u32).to_le_bytes());
+    d.dev.move_bar(0, NEW).unwrap();
+    assert_eq!(d.cfg32(0x10), NEW as u32);
+    assert_eq!(registrar.addresses(), [NEW + NOTIFY_OFFSET]);
+
+    // The saved state records the BAR where it is; unregistering leaves nothing behind.
+    d.dev.pause().unwrap();
+    assert_eq!(d.dev.state().unwrap().config_space[4], NEW as u32);
+    d.dev.unregister_ioeventfds();
+    assert!(registrar.addresses().is_empty());
+    // Moves without registered ioeventfds just move the BAR.
+    d.dev.move_bar(0, OTHER).unwrap();
+    assert_eq!(d.dev.ioeventfds()[0].0, OTHER + NOTIFY_OFFSET);
+    assert!(registrar.addresses().is_empty());
+}
+
+#[test]
+fn registration_is_all_or_nothing() {
+    use super::notify::test_util::RecordingRegistrar;
+    let registrar = Arc::new(RecordingRegistrar::default());
+    let mut d = Driver::new();
+    *registrar.refuse.lock().unwrap() = Some(BAR + NOTIFY_OFFSET);
+    assert!(d.dev.register_ioeventfds(registrar.clone()).is_err());
+    assert!(registrar.addresses().is_empty());
+    *registrar.refuse.lock().unwrap() = None;
+    d.dev.register_ioeventfds(registrar.clone()).unwrap();
+    // Registering again replaces the registration (KVM would refuse a duplicate).
+    d.dev.register_ioeventfds(registrar.clone()).unwrap();
+    assert_eq!(registrar.addresses(), [BAR + NOTIFY_OFFSET]);
+}
+
+#[test]
+fn a_saved_bar_elsewhere_is_the_owners_business() {
+    let mut d = live_driver();
+    d.dev.pause().unwrap();
+    let mut state = d.dev.state().unwrap();
+    let mem = d.mem.clone();
+    drop(d);
+    // The owner places the BAR (where the template had it) before loading; a state naming another
+    // address does not move the device behind the owner's back.
+    state.config_space[4] = 0xd000_0000;
+    let mut r = Driver::with_memory(mem);
+    r.dev.set_state(&state).unwrap();
+    assert_eq!(r.cfg32(0x10), BAR as u32);
+    assert_eq!(r.dev.bar_addr(), BAR);
+    assert_eq!(r.status(), 0x0f);
 }

@@ -8,6 +8,10 @@
 //!
 //! Sockets are level-triggered in the epoll set; a connection that cannot go on (no rx buffers, no guest
 //! credit) drops its read interest until the guest refills the queue or grants credit.
+//!
+//! Timers: a connection waiting on its peer has one deadline (the handshake line, the guest's answer to
+//! a REQUEST, the guest's end of a connection the host closed). The worker wakes at the earliest
+//! ([`QueueHandler::next_deadline`]); an expired one closes the host socket and resets the connection.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ffi::OsString;
@@ -17,12 +21,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::*;
-use super::{ResetFlag, BUF_ALLOC, MAX_CONNECTIONS, MAX_PKT_LEN};
+use super::{
+    ResetFlag, BUF_ALLOC, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_PKT_LEN,
+    SHUTDOWN_TIMEOUT,
+};
 use crate::virtio::chain::{parse_chain, ParsedChain};
 use crate::virtio::worker::QueueHandler;
 use crate::virtio::{GuestMemory, VirtioInterrupt, VirtioInterruptType};
@@ -82,6 +90,8 @@ struct Conn {
     /// SHUTDOWN flags the guest sent.
     peer_shutdown: u32,
     write_shut: bool,
+    /// When the connection is given up on unless its peer acts (it is in `Backend::timers` too).
+    deadline: Option<Instant>,
 }
 
 impl Conn {
@@ -104,6 +114,7 @@ impl Conn {
             host_hup: false,
             peer_shutdown: 0,
             write_shut: false,
+            deadline: None,
         }
     }
 
@@ -152,6 +163,8 @@ pub(crate) struct Backend {
     control: VecDeque<Header>,
     /// Connections with socket data waiting for rx buffers or guest credit.
     blocked: BTreeSet<u64>,
+    /// Every connection's deadline, earliest first.
+    timers: BTreeSet<(Instant, u64)>,
     tx_stalled: bool,
     reset_requested: Arc<ResetFlag>,
     reset_pending: bool,
@@ -257,6 +270,7 @@ impl Backend {
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
             blocked: BTreeSet::new(),
+            timers: BTreeSet::new(),
             tx_stalled: false,
             reset_requested: p.reset_requested,
             reset_pending: false,
@@ -500,6 +514,10 @@ impl Backend {
             SHUTDOWN_SEND
         };
         self.queue_conn_packet(token, OP_SHUTDOWN, flags);
+        if flags & SHUTDOWN_RCV != 0 {
+            // Nothing on the host side is left: the guest has a while to end its side.
+            self.set_deadline(token, Some(Instant::now() + SHUTDOWN_TIMEOUT));
+        }
         self.flush_control()?;
         self.maybe_close(token);
         Ok(())
@@ -795,6 +813,9 @@ impl Backend {
     fn remove_conn(&mut self, token: u64) {
         self.blocked.remove(&token);
         if let Some(c) = self.conns.remove(&token) {
+            if let Some(at) = c.deadline {
+                self.timers.remove(&(at, token));
+            }
             if c.interest.is_some() {
                 let _ = self.epoll.ctl(
                     ControlOperation::Delete,
@@ -810,14 +831,75 @@ impl Backend {
 
     /// Tells the guest RST (if it knows the connection) and removes it.
     fn reset_conn(&mut self, token: u64) {
-        let knows = self
-            .conns
-            .get(&token)
-            .is_some_and(|c| !matches!(c.state, State::Handshake { .. }));
+        let Some(c) = self.conns.get(&token) else {
+            return;
+        };
+        let knows = match c.state {
+            State::Handshake { .. } => false,
+            // A REQUEST still waiting for an rx buffer is withdrawn instead: the guest never hears of
+            // the connection.
+            State::LocalInit => {
+                let ports = (c.local_port, c.peer_port);
+                !self.withdraw_request(ports)
+            }
+            State::Established => true,
+        };
         if knows {
             self.queue_conn_packet(token, OP_RST, 0);
         }
         self.remove_conn(token);
+    }
+
+    /// Drops the queued REQUEST from host port `local` to guest port `peer`; false if none is queued.
+    fn withdraw_request(&mut self, (local, peer): (u32, u32)) -> bool {
+        let before = self.control.len();
+        self.control
+            .retain(|h| !(h.op == OP_REQUEST && h.src_port == local && h.dst_port == peer));
+        self.control.len() != before
+    }
+
+    /// Arms the connection's timer for `deadline`, or disarms it.
+    fn set_deadline(&mut self, token: u64, deadline: Option<Instant>) {
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        if let Some(old) = c.deadline.take() {
+            self.timers.remove(&(old, token));
+        }
+        if let Some(at) = deadline {
+            self.timers.insert((at, token));
+            c.deadline = Some(at);
+        }
+    }
+
+    /// Gives up on every connection whose deadline is `now` or earlier.
+    fn expire(&mut self, now: Instant) -> QResult<()> {
+        while let Some(&(at, token)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(c) = self.conns.get_mut(&token) else {
+                continue;
+            };
+            c.deadline = None;
+            let port = c.peer_port;
+            match c.state {
+                State::Handshake { .. } => {
+                    warn_ratelimited!(
+                        "virtio-vsock: no CONNECT line in {HANDSHAKE_TIMEOUT:?}: closed"
+                    )
+                }
+                State::LocalInit => warn_ratelimited!(
+                    "virtio-vsock: guest port {port} did not answer in {CONNECT_TIMEOUT:?}: reset"
+                ),
+                State::Established => log::debug!(
+                    "virtio-vsock: guest port {port} did not close in {SHUTDOWN_TIMEOUT:?}: reset"
+                ),
+            }
+            self.reset_conn(token);
+        }
+        self.flush_control()
     }
 
     /// Brings the epoll registration in line with what the connection can do now.
@@ -863,6 +945,7 @@ impl Backend {
     }
 
     fn established(&mut self, token: u64) {
+        self.set_deadline(token, None);
         let Some(c) = self.conns.get_mut(&token) else {
             return;
         };
@@ -901,6 +984,7 @@ impl Backend {
                 0,
                 0,
             ));
+            self.set_deadline(token, Some(Instant::now() + HANDSHAKE_TIMEOUT));
             self.update_interest(token);
         }
     }
@@ -946,6 +1030,8 @@ impl Backend {
         c.peer_port = port;
         self.by_ports.insert((local_port, port), token);
         self.queue_conn_packet(token, OP_REQUEST, 0);
+        // Counted from now, not from delivery: a guest that takes no rx buffers must not hold the client.
+        self.set_deadline(token, Some(Instant::now() + CONNECT_TIMEOUT));
         self.update_interest(token);
     }
 
@@ -1112,6 +1198,14 @@ impl QueueHandler for Backend {
 
     fn queues(&self) -> Vec<&Queue> {
         vec![&self.rx, &self.tx, &self.events]
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.timers.first().map(|&(at, _)| at)
+    }
+
+    fn handle_deadline(&mut self, now: Instant) -> Result<(), String> {
+        self.expire(now)
     }
 }
 

@@ -10,7 +10,18 @@
 //! Stream sockets only, with credit-based flow control in both directions (§5.10.6.3): the device never
 //! holds more than [`BUF_ALLOC`] unsent guest bytes per connection and reads a host socket only while the
 //! guest has credit and rx buffers, so neither side can make the VMM buffer without bound. The Unix
-//! sockets are served by the device's worker thread: their epoll set is nested in the worker's.
+//! sockets are served by the device's worker thread: their epoll set is one level-triggered source of the
+//! worker's (sockets come and go with connections and their interest changes with credit, which the
+//! worker's fixed source list does not model; Firecracker and Cloud Hypervisor nest the same way).
+//!
+//! Nobody waits forever on a peer that does not answer (the worker wakes at the earliest deadline):
+//! - a host client has [`HANDSHAKE_TIMEOUT`] to send its `CONNECT <port>\n` line (at most 32 bytes; a
+//!   malformed line, an over-long one or a port above u32 closes it at once);
+//! - the guest has [`CONNECT_TIMEOUT`] from the CONNECT line to answer the REQUEST: then the host client
+//!   is closed and the guest gets RST (or, if the REQUEST never left for want of rx buffers, nothing);
+//! - after the host client closed, the guest has [`SHUTDOWN_TIMEOUT`] to end its side, then RST.
+//!
+//! A paused device serves nothing, timers included: what expired during a pause fires on resume.
 //!
 //! [`ResetHandle::reset_connections`] drops every connection and sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
 //! on the event queue (what a restored guest needs: its host sockets did not survive the snapshot).
@@ -20,17 +31,18 @@ pub mod packet;
 #[cfg(test)]
 mod tests;
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio::worker::{pause_worker, resume_worker, saved_queues, Worker};
+use crate::virtio::worker::{pause_worker, resume_worker, saved_queues, Source, Worker};
 use crate::virtio::{
     check_common_state, read_config_bytes, ActivateContext, ActivateError, SnapshotError,
     VirtioDevice, VirtioDeviceState, TYPE_VSOCK, VIRTIO_F_VERSION_1,
@@ -49,6 +61,13 @@ pub const MAX_PKT_LEN: u32 = 64 << 10;
 pub const MAX_CONNECTIONS: usize = 256;
 /// The highest CID a guest can have (u32::MAX is VMADDR_CID_ANY).
 pub const MAX_GUEST_CID: u64 = 0xffff_fffe;
+/// How long the guest has to answer a host-initiated REQUEST (Firecracker's CONN_REQUEST_TIMEOUT_MS).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a host client has, from its connect, to send its whole `CONNECT <port>\n` line.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest has to end a connection the host client closed (Firecracker's
+/// CONN_SHUTDOWN_TIMEOUT_MS).
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -212,16 +231,12 @@ impl VirtioDevice for Vsock {
         let thread_err = ActivateError::Thread;
         let listener = self.listener.try_clone().map_err(thread_err)?;
         let epoll = Epoll::new().map_err(thread_err)?;
-        // The worker waits on eventfds; the sockets' epoll set joins its wait as one more readable fd
-        // (an epoll fd is readable while it has ready events). The worker's 8-byte read of it fails
-        // harmlessly.
-        // SAFETY: dup returns a new descriptor (checked below) that the EventFd then owns.
-        let dup = unsafe { libc::dup(epoll.as_raw_fd()) };
-        if dup < 0 {
-            return Err(ActivateError::Thread(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `dup` is a fresh, owned descriptor.
-        let sockets_ready = unsafe { EventFd::from_raw_fd(dup) };
+        // The sockets' epoll set joins the worker's wait as a level-triggered source: an epoll fd is
+        // readable while it has ready events, and the backend serves them a batch at a time.
+        // SAFETY: `epoll` owns the descriptor and outlives this borrow, which is only duplicated.
+        let sockets_ready = unsafe { BorrowedFd::borrow_raw(epoll.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(thread_err)?;
         let control = self.control.event.try_clone().map_err(thread_err)?;
         let mut backend = Backend::new(backend::Params {
             mem: ctx.mem,
@@ -235,9 +250,16 @@ impl VirtioDevice for Vsock {
         })
         .map_err(thread_err)?;
         backend.start();
-        let events = vec![rx.event, tx.event, ev.event, sockets_ready, control];
+        // In the order of backend::EV_*.
+        let sources = vec![
+            Source::Event(rx.event),
+            Source::Event(tx.event),
+            Source::Event(ev.event),
+            Source::Level(sockets_ready),
+            Source::Event(control),
+        ];
         self.worker = Some(
-            Worker::spawn("vsock", events, Box::new(backend), ctx.interrupt)
+            Worker::spawn_sources("vsock", sources, Box::new(backend), ctx.interrupt)
                 .map_err(ActivateError::Thread)?,
         );
         Ok(())

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -15,7 +15,7 @@ use super::packet::*;
 use super::*;
 use crate::virtio::test_util::{write_descs, Desc, RecordingInterrupt, TempDir, F_NEXT, F_WRITE};
 use crate::virtio::worker::QueueHandler;
-use crate::virtio::GuestMemory;
+use crate::virtio::{ActivateContext, ActiveQueue, GuestMemory};
 
 const GUEST_CID: u64 = 3;
 const MEM: u64 = 8 << 20;
@@ -225,6 +225,21 @@ impl Harness {
         }
     }
 
+    /// Runs the timers as if `after` had passed.
+    fn time_passes(&mut self, after: Duration) {
+        self.backend
+            .handle_deadline(Instant::now() + after)
+            .unwrap();
+    }
+
+    /// A host client that has sent `bytes` (and gets answers without blocking).
+    fn client(&self, bytes: &[u8]) -> UnixStream {
+        let mut client = UnixStream::connect(&self.socket).unwrap();
+        client.write_all(bytes).unwrap();
+        client.set_nonblocking(true).unwrap();
+        client
+    }
+
     /// A host client through the hybrid socket, up to the guest's RESPONSE; returns it and the ports.
     fn host_connect(&mut self, guest_port: u32) -> (UnixStream, u32) {
         let mut client = UnixStream::connect(&self.socket).unwrap();
@@ -251,6 +266,24 @@ impl Harness {
             format!("OK {host_port}\n")
         );
         (client, host_port)
+    }
+}
+
+/// The device closed the client (EOF, or a reset if bytes it sent were left unread).
+fn assert_closed(client: &mut UnixStream) {
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(n) => assert_eq!(n, 0, "got {:?} instead of EOF", &buf[..n]),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
+
+/// The client is still open and got nothing (it must be non-blocking).
+fn assert_waiting(client: &mut UnixStream) {
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+        Ok(n) => panic!("expected nothing yet, got {:?}", &buf[..n]),
     }
 }
 
@@ -341,22 +374,255 @@ fn refused_guest_connection_gets_rst() {
 fn bad_connect_lines_close_the_client() {
     let mut h = Harness::new();
     h.post_rx(4, 4096);
-    for line in [&b"HELLO 5\n"[..], b"CONNECT x\n", &[b'A'; 64]] {
-        let mut client = UnixStream::connect(&h.socket).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        client.write_all(line).unwrap();
+    let (mut good, hp) = h.host_connect(55);
+    let long_port = format!("CONNECT {}\n", "1".repeat(40));
+    for line in [
+        &b"HELLO 5\n"[..],
+        b"CONNECT x\n",
+        b"CONNECT 4294967296\n",
+        b"CONNECT -1\n",
+        b"CONNECT 5 6\n",
+        b"CONNECT\x005\n",
+        b"\xff\xfe\xfd\n",
+        b"\n",
+        long_port.as_bytes(),
+        &[b'A'; 64],
+    ] {
+        let mut client = h.client(line);
         h.sockets();
-        let mut buf = [0u8; 8];
         // Closed with the rest of the line unread: EOF or a reset, never an answer.
-        match client.read(&mut buf) {
-            Ok(n) => assert_eq!(n, 0),
-            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
-        }
+        assert_closed(&mut client);
     }
     assert!(h.recv().is_empty(), "the guest heard nothing");
+    // The established connection is untouched.
+    assert_eq!(h.backend.connection_count(), 1);
+    let mut rw = h.header(OP_RW, 55, hp);
+    rw.len = 5;
+    h.send(rw, b"still");
+    let mut buf = [0u8; 5];
+    good.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"still");
+}
+
+#[test]
+fn a_guest_that_never_answers_gets_rst_and_the_client_is_closed() {
+    let mut h = Harness::new();
+    h.post_rx(8, 4096);
+    let (mut other, other_hp) = h.host_connect(70);
+    let before = Instant::now();
+    let mut client = h.client(b"CONNECT 71\n");
+    h.sockets();
+    let req = h.recv();
+    assert_eq!(req.len(), 1);
+    assert_eq!(req[0].0.op, OP_REQUEST);
+    let hp = req[0].0.src_port;
+    let due = h.backend.next_deadline().expect("the request is timed");
+    assert!(due >= before + CONNECT_TIMEOUT && due <= Instant::now() + CONNECT_TIMEOUT);
+    // Not yet.
+    h.time_passes(CONNECT_TIMEOUT / 2);
+    assert_waiting(&mut client);
+    assert!(h.recv().is_empty());
+    // Past the deadline: the client is closed and the guest hears RST for exactly that connection.
+    h.time_passes(CONNECT_TIMEOUT + Duration::from_millis(1));
+    assert_closed(&mut client);
+    let got = h.recv();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let rst = got[0].0;
+    assert_eq!(rst.op, OP_RST);
+    assert_eq!((rst.src_port, rst.dst_port), (hp, 71));
+    assert_eq!((rst.src_cid, rst.dst_cid), (HOST_CID, GUEST_CID));
+    assert_eq!(h.backend.connection_count(), 1);
+    assert_eq!(
+        h.backend.next_deadline(),
+        None,
+        "established connections are not timed"
+    );
+    // A late RESPONSE is for a connection that is gone: RST again.
+    h.send(h.header(OP_RESPONSE, 71, hp), &[]);
+    assert_eq!(h.ops(), vec![OP_RST]);
+    // The other connection never noticed.
+    let mut rw = h.header(OP_RW, 70, other_hp);
+    rw.len = 2;
+    h.send(rw, b"ok");
+    let mut buf = [0u8; 2];
+    other.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ok");
+}
+
+#[test]
+fn a_request_the_guest_never_took_is_withdrawn() {
+    let mut h = Harness::new();
+    // No rx buffers: the REQUEST waits in the device.
+    let mut client = h.client(b"CONNECT 72\n");
+    h.sockets();
+    assert_waiting(&mut client);
+    h.time_passes(CONNECT_TIMEOUT + Duration::from_millis(1));
+    assert_closed(&mut client);
     assert_eq!(h.backend.connection_count(), 0);
+    // Buffers come: neither the stale REQUEST nor an RST for it goes out.
+    h.post_rx(4, 4096);
+    h.sockets();
+    assert!(h.recv().is_empty());
+}
+
+#[test]
+fn a_client_vanishing_before_the_guest_took_the_request_leaves_no_trace() {
+    let mut h = Harness::new();
+    let client = h.client(b"CONNECT 73\n");
+    h.sockets();
+    drop(client);
+    h.sockets();
+    assert_eq!(h.backend.connection_count(), 0);
+    assert_eq!(h.backend.next_deadline(), None);
+    h.post_rx(4, 4096);
+    assert!(h.recv().is_empty());
+}
+
+#[test]
+fn an_incomplete_connect_line_times_out_without_touching_others() {
+    let mut h = Harness::new();
+    h.post_rx(8, 4096);
+    let mut silent = h.client(b"");
+    let mut partial = h.client(b"CONNECT 12");
+    h.sockets();
+    let (mut good, hp) = h.host_connect(13);
+    // Still within the handshake time (and past the guest's answer time, which does not apply here).
+    h.time_passes(CONNECT_TIMEOUT + Duration::from_millis(1));
+    assert_waiting(&mut silent);
+    assert_waiting(&mut partial);
+    assert_eq!(h.backend.connection_count(), 3);
+    h.time_passes(HANDSHAKE_TIMEOUT + Duration::from_millis(1));
+    assert_closed(&mut silent);
+    assert_closed(&mut partial);
+    assert!(h.recv().is_empty(), "the guest heard nothing");
+    assert_eq!(h.backend.connection_count(), 1);
+    let mut rw = h.header(OP_RW, 13, hp);
+    rw.len = 3;
+    h.send(rw, b"yes");
+    let mut buf = [0u8; 3];
+    good.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"yes");
+}
+
+#[test]
+fn a_completed_line_stops_the_handshake_timer() {
+    let mut h = Harness::new();
+    h.post_rx(8, 4096);
+    let mut client = h.client(b"CONN");
+    h.sockets();
+    let handshake_due = h.backend.next_deadline().unwrap();
+    client.write_all(b"ECT 14\n").unwrap();
+    h.sockets();
+    let req = h.recv()[0].0;
+    // Now timed by the guest's answer instead.
+    assert!(h.backend.next_deadline().unwrap() < handshake_due);
+    h.send(h.header(OP_RESPONSE, 14, req.src_port), &[]);
+    assert_eq!(h.backend.next_deadline(), None);
+    h.time_passes(HANDSHAKE_TIMEOUT * 2);
+    let mut line = [0u8; 32];
+    let n = client.read(&mut line).unwrap();
+    assert_eq!(&line[..n], format!("OK {}\n", req.src_port).as_bytes());
+    assert_eq!(h.backend.connection_count(), 1);
+}
+
+#[test]
+fn a_guest_that_never_ends_a_closed_connection_gets_rst() {
+    let mut h = Harness::new();
+    h.post_rx(8, 4096);
+    let (client, hp) = h.host_connect(15);
+    drop(client);
+    h.sockets();
+    let got = h.recv();
+    assert_eq!(got.last().unwrap().0.op, OP_SHUTDOWN);
+    assert_eq!(got.last().unwrap().0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    assert!(h.backend.next_deadline().is_some());
+    h.time_passes(SHUTDOWN_TIMEOUT / 2);
+    assert_eq!(h.backend.connection_count(), 1);
+    h.time_passes(SHUTDOWN_TIMEOUT + Duration::from_millis(1));
+    let got = h.recv();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.op, OP_RST);
+    assert_eq!((got[0].0.src_port, got[0].0.dst_port), (hp, 15));
+    assert_eq!(h.backend.connection_count(), 0);
+}
+
+#[test]
+fn a_half_closed_client_is_not_timed() {
+    let mut h = Harness::new();
+    h.post_rx(8, 4096);
+    let (mut client, hp) = h.host_connect(16);
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    h.sockets();
+    let got = h.recv();
+    assert_eq!(got.last().unwrap().0.op, OP_SHUTDOWN);
+    assert_eq!(got.last().unwrap().0.flags, SHUTDOWN_SEND);
+    assert_eq!(h.backend.next_deadline(), None);
+    // The guest may take its time to answer.
+    let mut rw = h.header(OP_RW, 16, hp);
+    rw.len = 4;
+    h.send(rw, b"late");
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"late");
+}
+
+/// The real device and worker thread: the timeout fires from the worker's own wait, with no
+/// notification at all.
+#[test]
+fn the_worker_closes_an_unanswered_client_after_the_timeout() {
+    let dir = TempDir::new();
+    let cfg = VsockConfig {
+        cid: GUEST_CID,
+        socket: dir.0.join("w.sock"),
+    };
+    let mut dev = Vsock::new(&cfg).unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+    let (mut rx, rxq) = Ring::new(0x1_0000);
+    let (_, txq) = Ring::new(0x2_0000);
+    let (_, evq) = Ring::new(0x3_0000);
+    for i in 0..4u64 {
+        rx.publish(&mem, &[Desc::new(DATA + i * 4096, 4096, F_WRITE, 0)]);
+    }
+    let queues = [rxq, txq, evq]
+        .into_iter()
+        .enumerate()
+        .map(|(i, queue)| ActiveQueue {
+            index: i as u16,
+            queue,
+            event: vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+                .unwrap(),
+        })
+        .collect();
+    dev.activate(ActivateContext {
+        mem: mem.clone(),
+        interrupt: Arc::new(RecordingInterrupt::default()),
+        queues,
+    })
+    .unwrap();
+    let mut client = UnixStream::connect(&cfg.socket).unwrap();
+    client.set_read_timeout(Some(CONNECT_TIMEOUT * 5)).unwrap();
+    let start = Instant::now();
+    client.write_all(b"CONNECT 99\n").unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(client.read(&mut buf).unwrap(), 0, "closed, no OK");
+    let waited = start.elapsed();
+    assert!(
+        waited >= CONNECT_TIMEOUT && waited < CONNECT_TIMEOUT * 3,
+        "closed after {waited:?}"
+    );
+    dev.pause().unwrap();
+    let ops: Vec<u16> = rx
+        .take_used(&mem)
+        .into_iter()
+        .map(|(id, _)| {
+            let mut raw = [0u8; HEADER_LEN];
+            mem.read_slice(&mut raw, GuestAddress(DATA + u64::from(id) * 4096))
+                .unwrap();
+            Header::from_bytes(&raw).op
+        })
+        .collect();
+    assert_eq!(ops, vec![OP_REQUEST, OP_RST]);
+    dev.reset();
 }
 
 #[test]

@@ -1,13 +1,21 @@
 //! `function seed=S heap=H port=P`: a function runtime that a warm pool serves invocations with.
 //!
-//! Builds an H MiB heap from the seed (like `serve`), prints `function: heap ..`, signals SERVE_HEAP and
-//! READY: the host takes the function's template here, before the guest touches the vsock device (so one
-//! template serves any vsock socket the pool gives a sandbox). It then waits for the VM generation ID to change (a restore or
-//! a repurpose from the template), brings up the vsock device and serves connections on port P. Each request
-//! line `<n>\n` is answered `<seed> <checksum>\n`: the checksum sums [`READ_PAGES`] heap pages chosen from n
-//! (never written, so the host can recompute it from the seed), and [`WRITE_PAGES`] pages of the heap's
-//! scratch tail are written (the instance's private state). A later generation change re-initialises the
-//! device (every host connection is gone in a clone) and keeps serving.
+//! Builds an H MiB heap from the seed (like `serve`), brings up the vsock device and listens on port P
+//! (`function: listening ..`), then prints `function: heap ..` and signals SERVE_HEAP and READY: the host
+//! takes the function's template here, with the device live, so a sandbox restored or repurposed from it
+//! serves at once on the template's queues instead of initialising the device (many MMIO exits). Each
+//! request line `<n>\n` is answered `<seed> <checksum>\n`: the checksum sums [`READ_PAGES`] heap pages
+//! chosen from n (never written, so the host can recompute it from the seed), and [`WRITE_PAGES`] pages of
+//! the heap's scratch tail are written (the instance's private state).
+//!
+//! A restore or repurpose (a new VM generation ID) drops every host connection: the device says so with a
+//! TRANSPORT_RESET event, on which the guest marks its connections stale and keeps listening on the same
+//! queues (`function: reset port=P`, printed once it is idle, off the request path). Stale connections are
+//! not dropped at once, because the event can come after the device has already handed over a new
+//! connection: a stale one keeps serving, ends on the device's RST, and gives its slot to a new REQUEST. Replies carry the CID each
+//! connection was addressed to, so a device whose CID differs from the template's still works. If a new
+//! generation brings no reset event within [`RESET_WAIT_NS`] (a device restored fresh, without saved
+//! state), the device is brought up again from scratch.
 //!
 //! Control lines, for testing a pool's failure handling (any order, space-separated): `dirty=M` writes one
 //! word in each page of M MiB above the heap (private memory the host sees grow), `sleep=MS` answers only
@@ -45,6 +53,8 @@ const ANSWER_LEN: u64 = 64;
 const DMA_RESERVE: u64 = 4 * MIB;
 /// Busy polls after the last packet before waiting in the idle device between polls.
 const SPIN_POLLS: u64 = 1 << 16;
+/// How long a new generation may go without a TRANSPORT_RESET before its device counts as restored fresh.
+const RESET_WAIT_NS: u64 = 200_000_000;
 
 /// The i-th heap page request `n` reads (of `pages` readable ones); the host recomputes it.
 pub fn page_of(n: u64, i: u64, pages: u64) -> u64 {
@@ -57,6 +67,10 @@ pub fn page_of(n: u64, i: u64, pages: u64) -> u64 {
 #[derive(Clone, Copy, Default)]
 struct Conn {
     live: bool,
+    /// The guest CID the host addressed this connection to.
+    cid: u64,
+    /// A TRANSPORT_RESET came since it was accepted: the host side is probably gone.
+    stale: bool,
     local_port: u32,
     peer_port: u32,
     peer_buf_alloc: u32,
@@ -68,9 +82,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn header(&self, cid: u64, op: u16, len: u32, flags: u32) -> Header {
+    fn header(&self, op: u16, len: u32, flags: u32) -> Header {
         Header {
-            src_cid: cid,
+            src_cid: self.cid,
             dst_cid: HOST_CID,
             src_port: self.local_port,
             dst_port: self.peer_port,
@@ -167,8 +181,9 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
         })
     };
     let (seed, heap_mib, port) = (param("seed", 1)?, param("heap", 4)?, param("port", 5000)?);
-    // `cold=1`: also serve right after this boot (a cold start, as the trace benchmark's `fresh` policy).
-    let cold = param("cold", 0)? != 0;
+    // `cold=1` (the trace benchmark's fresh boots) is still accepted: the guest now always serves from
+    // the moment it signals READY, so a cold boot and a clone behave alike.
+    param("cold", 0)?;
     // Read first, so that a template taken at any later point is seen as a clone.
     let mut generation = signal::generation();
     if heap_mib == 0 || heap_mib > 1024 || port > u64::from(u32::MAX) {
@@ -193,9 +208,6 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
         unsafe { ((base + i * 8) as *mut u64).write_volatile(pattern::word(seed, base + i * 8)) };
     }
     let checksum = pattern::checksum(seed, base, len);
-    println!("function: heap mib={heap_mib} seed={seed} base={base:#x} checksum={checksum:#018x}");
-    signal::send(SIGNAL_SERVE_HEAP, base);
-    signal::send(SIGNAL_READY, WORKLOAD_ID_FUNCTION);
     // The usable RAM between the heap and the end of its e820 entry is free for `dirty=`.
     let heap_end = base + len;
     let spare_end = ctx
@@ -216,64 +228,102 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
         println!("function: error: heap too small");
         return Err(FAIL_BAD_PARAMETER);
     }
-    let mut wait_for_clone = !cold;
+    // The device goes live before the template point: clones carry it, queues and all.
+    let mut link = Link::open(dev, func, ctx, port as u32, seed)?;
+    println!("function: heap mib={heap_mib} seed={seed} base={base:#x} checksum={checksum:#018x}");
+    signal::send(SIGNAL_SERVE_HEAP, base);
+    signal::send(SIGNAL_READY, WORKLOAD_ID_FUNCTION);
     loop {
-        // A new generation: the device was reset with the restore (or was never started).
-        while wait_for_clone && signal::generation() == generation {
-            signal::idle();
-        }
-        wait_for_clone = true;
-        generation = signal::generation();
-        let extra = ANSWER_BUFS * ANSWER_LEN;
-        let mut drv = Driver::open(dev, func, ctx.e820, extra).map_err(device_error)?;
+        serve(&mut link, &heap, port as u32, &mut generation)?;
+        // A new generation whose device came without its saved state: bring it up from scratch.
+        link = Link::open(dev, func, ctx, port as u32, seed)?;
+    }
+}
+
+/// The live device and the memory answers are sent from.
+struct Link {
+    drv: Driver,
+    answers: u64,
+}
+
+impl Link {
+    /// Brings up the vsock device (reset, queues, DRIVER_OK) and prints `function: listening ..`.
+    fn open(dev: u8, func: u8, ctx: &Context<'_>, port: u32, seed: u64) -> Result<Link, u64> {
+        let mut drv =
+            Driver::open(dev, func, ctx.e820, ANSWER_BUFS * ANSWER_LEN).map_err(device_error)?;
+        let answers = drv
+            .alloc(ANSWER_BUFS * ANSWER_LEN, 64)
+            .map_err(device_error)?;
         println!(
             "function: listening port={port} seed={seed} cid={}",
             drv.cid
         );
-        serve(&mut drv, &heap, port as u32, generation)?;
+        Ok(Link { drv, answers })
     }
 }
 
-/// Serves until the generation changes.
-fn serve(drv: &mut Driver, heap: &Heap, port: u32, generation: u128) -> Result<(), u64> {
-    let cid = drv.cid;
-    let answers = drv
-        .alloc(ANSWER_BUFS * ANSWER_LEN, 64)
-        .map_err(device_error)?;
+/// Serves for good, across generations; returns only when a new generation's device has to be brought
+/// up again (no TRANSPORT_RESET came for it: it was restored fresh, its queues are gone).
+fn serve(link: &mut Link, heap: &Heap, port: u32, generation: &mut u128) -> Result<(), u64> {
+    let drv = &mut link.drv;
+    let answers = link.answers;
     let mut next_answer = 0u64;
     let mut conns = [Conn::default(); MAX_CONNS];
     let mut quiet = 0u64;
+    // TRANSPORT_RESET events not yet matched with a generation change, and not yet reported.
+    let mut resets = 0u64;
+    let mut unreported = 0u64;
+    // When a generation change without a reset event was noticed (host ns).
+    let mut missing_since: Option<u64> = None;
     loop {
         drv.poll_tx(|_| {}).map_err(device_error)?;
         if drv.poll_event().map_err(device_error)? == Some(EVENT_TRANSPORT_RESET) {
+            // Every host connection the device had is gone (a clone). The event can reach us after the
+            // device has already handed us a new connection, so ours are not dropped but only marked
+            // stale: a stale one keeps serving what comes for it and gives its slot to a new REQUEST.
             for c in conns.iter_mut() {
-                c.live = false;
+                c.stale = true;
             }
+            resets += 1;
+            unreported += 1;
         }
         let mut progress = false;
         while let Some(pkt) = drv.poll_rx().map_err(device_error)? {
             progress = true;
             let h = pkt.header;
-            if h.dst_cid != cid || h.src_cid != HOST_CID || h.kind != TYPE_STREAM {
+            if h.src_cid != HOST_CID || h.kind != TYPE_STREAM {
                 drv.release(pkt.buf);
                 continue;
             }
-            let found = conns
-                .iter()
-                .position(|c| c.live && c.local_port == h.dst_port && c.peer_port == h.src_port);
+            let found = conns.iter().position(|c| {
+                c.live
+                    && c.cid == h.dst_cid
+                    && c.local_port == h.dst_port
+                    && c.peer_port == h.src_port
+            });
+            // A REQUEST on a stale connection's ports is a new connection: it takes that slot.
+            let found = found.filter(|&i| !(h.op == OP_REQUEST && conns[i].stale));
             let Some(i) = found else {
                 drv.release(pkt.buf);
-                let free = conns.iter().position(|c| !c.live);
+                let free = conns
+                    .iter()
+                    .position(|c| {
+                        !c.live
+                            || (c.stale && c.local_port == h.dst_port && c.peer_port == h.src_port)
+                    })
+                    .or_else(|| conns.iter().position(|c| c.stale));
                 if let (OP_REQUEST, true, Some(i)) = (h.op, h.dst_port == port, free) {
+                    // The device delivered it, so its destination is our CID (which a restore may change).
                     conns[i] = Conn {
                         live: true,
+                        cid: h.dst_cid,
                         local_port: port,
                         peer_port: h.src_port,
                         peer_buf_alloc: h.buf_alloc,
                         peer_fwd_cnt: h.fwd_cnt,
                         ..Default::default()
                     };
-                    let r = conns[i].header(cid, OP_RESPONSE, 0, 0);
+                    let r = conns[i].header(OP_RESPONSE, 0, 0);
                     drv.send(&r, None, NO_TAG).map_err(device_error)?;
                 } else if h.op != OP_RST {
                     let r = Header {
@@ -335,7 +385,7 @@ fn serve(drv: &mut Driver, heap: &Heap, port: u32, generation: u128) -> Result<(
                         let len = out.len as u32;
                         // Answers are tiny; a host that grants no credit for one loses it.
                         if c.credit() >= len {
-                            let hdr = c.header(cid, OP_RW, len, 0);
+                            let hdr = c.header(OP_RW, len, 0);
                             if drv
                                 .send(&hdr, Some((at, len)), NO_TAG)
                                 .map_err(device_error)?
@@ -346,12 +396,12 @@ fn serve(drv: &mut Driver, heap: &Heap, port: u32, generation: u128) -> Result<(
                     }
                 }
                 OP_CREDIT_REQUEST => {
-                    let u = c.header(cid, OP_CREDIT_UPDATE, 0, 0);
+                    let u = c.header(OP_CREDIT_UPDATE, 0, 0);
                     drv.send(&u, None, NO_TAG).map_err(device_error)?;
                 }
                 OP_SHUTDOWN => {
                     // The host is done: close our side; its RST ends the connection.
-                    let s = c.header(cid, OP_SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                    let s = c.header(OP_SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
                     drv.send(&s, None, NO_TAG).map_err(device_error)?;
                 }
                 OP_RST => c.live = false,
@@ -365,15 +415,37 @@ fn serve(drv: &mut Driver, heap: &Heap, port: u32, generation: u128) -> Result<(
             continue;
         }
         quiet += 1;
-        if quiet >= SPIN_POLLS {
-            // Long quiet: wait in the idle device (up to ~10 ms) between polls, and look for a restore.
-            if signal::generation() != generation {
+        if quiet < SPIN_POLLS {
+            core::hint::spin_loop();
+            continue;
+        }
+        // Long quiet: nobody waits on us, so the console line and the generation check go here.
+        if unreported > 0 {
+            unreported = 0;
+            println!("function: reset port={port}");
+        }
+        let now = signal::generation();
+        if now != *generation {
+            *generation = now;
+            if resets > 0 {
+                resets -= 1;
+            } else {
+                missing_since = missing_since.or(signal::now_ns());
+            }
+        }
+        if let Some(since) = missing_since {
+            if resets > 0 {
+                resets -= 1;
+                missing_since = None;
+            } else if signal::now_ns().is_some_and(|t| t.saturating_sub(since) > RESET_WAIT_NS) {
+                println!(
+                    "function: no transport reset after a restore: bringing the device up again"
+                );
                 return Ok(());
             }
-            signal::idle();
-        } else {
-            core::hint::spin_loop();
         }
+        // Waits in the idle device (up to ~10 ms; a packet ends the wait) between polls.
+        signal::idle();
     }
 }
 

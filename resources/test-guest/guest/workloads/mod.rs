@@ -4,6 +4,7 @@
 //! WORKLOAD_DONE argument, Err = a FAIL_* code, after printing why), give it an id in protocol.rs and an
 //! entry in `WORKLOADS` listing the parameters it accepts. See PROTOCOL.md.
 
+mod barmove;
 mod blk;
 mod boot;
 mod console;
@@ -135,6 +136,12 @@ pub static WORKLOADS: &[Workload] = &[
         id: crate::protocol::WORKLOAD_ID_HOTPLUG,
         params: &["sectors", "count"],
         run: hotplug::run,
+    },
+    Workload {
+        name: "barmove",
+        id: crate::protocol::WORKLOAD_ID_BARMOVE,
+        params: &["to", "restore"],
+        run: barmove::run,
     },
 ];
 

@@ -40,7 +40,10 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
     let words = (len / 8) as usize;
     for i in 0..words {
         // SAFETY: [base, base + len) is usable RAM above the image, identity-mapped, ours alone.
-        unsafe { heap.add(i).write_volatile(pattern::word(seed, base + i as u64 * 8)) };
+        unsafe {
+            heap.add(i)
+                .write_volatile(pattern::word(seed, base + i as u64 * 8))
+        };
     }
     let checksum = pattern::checksum(seed, base, len);
     println!("serve: heap mib={heap_mib} seed={seed} base={base:#x} checksum={checksum:#018x}");
@@ -74,7 +77,10 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
         let instance_seed = seed ^ now as u64;
         for i in words - dirty_words..words {
             // SAFETY: as above.
-            unsafe { heap.add(i).write_volatile(pattern::word(instance_seed, base + i as u64 * 8)) };
+            unsafe {
+                heap.add(i)
+                    .write_volatile(pattern::word(instance_seed, base + i as u64 * 8))
+            };
         }
         // SAFETY: as above.
         let first_after = unsafe { heap.read_volatile() };

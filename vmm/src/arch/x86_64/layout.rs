@@ -12,7 +12,7 @@
 //!                                           0x0010_0000  kernel / test guest load address
 //! RAM: [0, min(size, 3 GiB)) and, for larger guests, [4 GiB, 4 GiB + rest)
 //! 32-bit MMIO hole [3 GiB, 4 GiB):
-//!   0xc000_0000 .. 0xe000_0000  PCI 32-bit BAR window (virtio-pci BARs, placed by the VMM)
+//!   0xc000_0000 .. 0xe000_0000  PCI 32-bit BAR window (virtio-pci BARs: placed by the VMM, movable by the guest)
 //!   0xe000_0000 .. 0xf000_0000  PCI ECAM
 //!   0xfe00_0000                 guest-signal device (4 KiB)
 //!   0xfe00_1000                 16550 UART MMIO alias of ttyS0 (1-byte registers, regshift 0)

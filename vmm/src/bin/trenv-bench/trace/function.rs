@@ -69,7 +69,7 @@ fn api(socket: &Path, endpoint: &str, body: Option<&str>) -> Result<(), String> 
 }
 
 /// Boots `function seed=S` with a vsock device on the relative socket every sandbox resolves in its own
-/// directory, waits for its heap (the device still untouched) and snapshots it.
+/// directory, waits for its heap (the device is live and listening by then) and snapshots it.
 pub fn make_function(
     scratch: &Scratch,
     guest: &Path,
@@ -101,7 +101,8 @@ pub fn make_function(
         .spawn()
         .map_err(|e| format!("cannot start the VMM: {e}"))?;
     let made = (|| {
-        // The heap is built once SERVE_HEAP is signalled; the guest has not touched its vsock device.
+        // SERVE_HEAP comes once the heap is built and the guest listens on its vsock port: the template
+        // carries the live device, and only the host socket moves per sandbox.
         let heap = event_name(test_guest::SIGNAL_SERVE_HEAP);
         let heap = wait_event(&events, "guest", &heap, &mut child, TIMEOUT)?;
         let base = heap.properties["arg"]
