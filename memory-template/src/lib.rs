@@ -52,6 +52,7 @@
 //! `ondemand`, build anonymous regions and start a `uffd::OnDemandServer` over them, kept alive for as long
 //! as the VM runs (or until its background fill completes).
 
+pub mod detach;
 pub mod format;
 pub mod image;
 pub mod sharing;

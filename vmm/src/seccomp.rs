@@ -199,6 +199,17 @@ fn build(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_prctl, prctl);
+    // The memory reaper lowers its own priority; setting any other value (raising one) stays refused.
+    let setpriority = vec![SeccompRule::new(vec![
+        condition(0, SeccompCmpOp::Eq, libc::PRIO_PROCESS as u64)?,
+        condition(
+            2,
+            SeccompCmpOp::Eq,
+            memory_template::detach::REAPER_NICE as u64,
+        )?,
+    ])
+    .map_err(err)?];
+    rules.insert(libc::SYS_setpriority, setpriority);
     // An inet stream socket would let a subverted VMM reach the network: AF_INET passes only as a datagram
     // socket (the type's low bits; SOCK_CLOEXEC/SOCK_NONBLOCK may be or-ed in).
     let socket = vec![

@@ -504,6 +504,7 @@ impl Vm {
             .pause_devices()
             .map_err(SnapshotError::from)?;
         phases.pause_us = lap();
+        let mut detached = Vec::new();
         for (region, image) in self.memory.iter().zip(&checked.manifest.regions) {
             let path = dir.join(&image.file);
             let file = File::open(&path).map_err(|source| SnapshotError::Open {
@@ -511,16 +512,41 @@ impl Vm {
                 source,
             })?;
             let len = region.len() as usize;
-            // SAFETY: the range is this VM's guest RAM region, which it owns; every vCPU is parked, and
-            // the new mapping has the same size, so KVM's memslot keeps pointing at valid memory (its MMU
-            // notifiers drop the old pages' translations).
-            unsafe {
+            let host = region.as_ptr();
+            // The old tenant's pages are moved out (page tables at a time) and freed on the reaper
+            // thread, instead of being unmapped here page by page; if they cannot be moved, the new
+            // mapping replaces them in place.
+            // SAFETY: the range is this VM's guest RAM region, which it owns, and every vCPU and device
+            // is paused until it is mapped again below.
+            let old_pages = unsafe { memory_template::detach::Detached::take(host, len) }
+                .map_err(|e| log::debug!("repurpose: old guest RAM unmapped in place: {e}"))
+                .ok();
+            // SAFETY: as above; the new mapping has the same size, so KVM's memslot keeps pointing at
+            // valid memory (its MMU notifiers dropped the old pages' translations when they moved).
+            let mapped = unsafe {
                 match options.mode {
-                    RestoreMode::Copy => image::map_copy(&file, len, Some(region.as_ptr())),
-                    _ => image::map_cow(&file, len, Some(region.as_ptr())),
+                    RestoreMode::Copy => image::map_copy(&file, len, Some(host)),
+                    _ => image::map_cow(&file, len, Some(host)),
+                }
+            };
+            match mapped {
+                Ok(_) => detached.extend(old_pages.map(|old| (host, old))),
+                Err(e) => {
+                    // Every region gets its old pages back: the VM stays paused and usable as it was.
+                    for (host, old) in detached.into_iter().chain(old_pages.map(|old| (host, old)))
+                    {
+                        // SAFETY: the range they were taken from; whatever was mapped there since (the
+                        // new template) is replaced.
+                        if let Err(back) = unsafe { old.put_back(host) } {
+                            log::error!("repurpose: the old guest RAM cannot be put back: {back}");
+                        }
+                    }
+                    return Err(SnapshotError::from(e).into());
                 }
             }
-            .map_err(SnapshotError::from)?;
+        }
+        for (_, old) in detached {
+            old.release();
         }
         phases.map_us = lap();
         for pci_device in self.devices.pci.devices() {
