@@ -1,6 +1,7 @@
-//! The API server: HTTP/1.1 on a Unix stream socket, one thread per connection (capped), each request
-//! routed and handed to the VMM as an [`ApiCall`], the VMM woken through an eventfd, and its reply written
-//! back. A stalled or misbehaving client only ever holds its own thread, and only until its timeout.
+//! The API server: HTTP/1.1 on a Unix stream socket, one thread per connection (capped; threads are
+//! reused for later connections and end after a minute idle), each request routed and handed to the VMM
+//! as an [`ApiCall`], the VMM woken through an eventfd, and its reply written back. A stalled or
+//! misbehaving client only ever holds its own thread, and only until its timeout.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -8,8 +9,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -20,11 +21,42 @@ use crate::http::{format_response, Connection, ReadError, Request};
 use crate::router::{self, ApiRequest, ApiResponse};
 use crate::scm;
 
+/// Work that must wait until a reply is written back to its client (see [`ApiReplier::answer_then`]).
+pub type AfterReply = Box<dyn FnOnce() + Send>;
+
 /// One request for the VMM, with the channel its answer goes back on.
 #[derive(Debug)]
 pub struct ApiCall {
     pub request: ApiRequest,
-    pub reply: Sender<ApiResponse>,
+    pub reply: ApiReplier,
+}
+
+/// Where the answer to one [`ApiCall`] goes.
+pub struct ApiReplier(Sender<(ApiResponse, Option<AfterReply>)>);
+
+impl std::fmt::Debug for ApiReplier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiReplier")
+    }
+}
+
+impl ApiReplier {
+    /// Answers the call.
+    pub fn answer(self, response: ApiResponse) {
+        let _ = self.0.send((response, None));
+    }
+
+    /// Answers the call; `after` runs on the connection's thread once the reply is written to the client
+    /// (or could not be), so that what the reply must not wait for, such as a resumed guest taking a CPU,
+    /// starts only then.
+    pub fn answer_then(self, response: ApiResponse, after: AfterReply) {
+        if let Err(unsent) = self.0.send((response, Some(after))) {
+            // The connection is gone: nobody waits for a reply, so the work runs now.
+            if let (_, Some(after)) = unsent.0 {
+                after();
+            }
+        }
+    }
 }
 
 /// Where `--api-socket` says to listen.
@@ -135,6 +167,7 @@ pub fn start_with_limits(
         wake,
         limits,
         active: AtomicUsize::new(0),
+        idle_threads: AtomicUsize::new(0),
     });
     thread::Builder::new()
         .name("api-server".into())
@@ -146,6 +179,8 @@ struct Shared {
     wake: EventFd,
     limits: Limits,
     active: AtomicUsize,
+    /// Connection threads waiting for a connection, not yet claimed for one.
+    idle_threads: AtomicUsize,
 }
 
 /// Frees a connection slot however the connection thread ends.
@@ -158,6 +193,8 @@ impl Drop for Slot {
 }
 
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    let (handoff, waiting) = channel::<Accepted>();
+    let waiting = Arc::new(Mutex::new(waiting));
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -180,13 +217,58 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
             drop(slot);
             continue;
         }
-        let slot = Slot(shared.clone());
+        let connection = (stream, Slot(shared.clone()));
+        // An idle connection thread takes it if there is one (claimed here, so that it cannot time out
+        // in the meantime); else a new thread. Clients such as ch-remote open a connection per request,
+        // and starting a thread for each costs about as much as the request itself.
+        if claim_idle_thread(&shared) {
+            if handoff.send(connection).is_err() {
+                log::warn!("API connection threads are gone: connection dropped");
+            }
+            continue;
+        }
+        let (shared, waiting) = (shared.clone(), waiting.clone());
         let spawned = thread::Builder::new()
             .name("api-conn".into())
-            .spawn(move || serve_connection(stream, slot));
+            .spawn(move || connection_thread(connection, &shared, &waiting));
         if let Err(e) = spawned {
             log::warn!("cannot start an API connection thread: {e}");
         }
+    }
+}
+
+/// An accepted connection and its slot.
+type Accepted = (UnixStream, Slot);
+
+/// How long a connection thread waits for another connection before it ends.
+const IDLE_THREAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Takes one idle connection thread for a connection about to be handed over; false if none is idle.
+fn claim_idle_thread(shared: &Shared) -> bool {
+    shared
+        .idle_threads
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Serves connections: the one it was started for, then those handed over while it is idle.
+fn connection_thread(first: Accepted, shared: &Shared, waiting: &Mutex<Receiver<Accepted>>) {
+    let mut next = first;
+    loop {
+        let (stream, slot) = next;
+        serve_connection(stream, slot);
+        shared.idle_threads.fetch_add(1, Ordering::SeqCst);
+        let waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+        next = match waiting.recv_timeout(IDLE_THREAD_TIMEOUT) {
+            Ok(connection) => connection,
+            // Ends unless the accept loop claimed it meanwhile: then a connection is on its way.
+            Err(RecvTimeoutError::Timeout) if claim_idle_thread(shared) => return,
+            Err(RecvTimeoutError::Timeout) => match waiting.recv() {
+                Ok(connection) => connection,
+                Err(_) => return,
+            },
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
     }
 }
 
@@ -214,7 +296,7 @@ fn serve_connection(stream: UnixStream, slot: Slot) {
                 let keep_alive = request.keep_alive;
                 let target = request.target.clone();
                 REPLIES_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                let response = dispatch(shared, request);
+                let (response, after_reply) = dispatch(shared, request);
                 let allow = (response.status() == 405)
                     .then(|| router::allowed_methods(&target))
                     .flatten();
@@ -225,6 +307,9 @@ fn serve_connection(stream: UnixStream, slot: Slot) {
                     keep_alive,
                 );
                 let sent = scm::send_all(conn.stream().as_raw_fd(), &bytes);
+                if let Some(after) = after_reply {
+                    after();
+                }
                 REPLIES_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 if sent.is_err() || !keep_alive {
                     return;
@@ -248,26 +333,28 @@ fn serve_connection(stream: UnixStream, slot: Slot) {
     }
 }
 
-fn dispatch(shared: &Shared, request: Request) -> ApiResponse {
+fn dispatch(shared: &Shared, request: Request) -> (ApiResponse, Option<AfterReply>) {
     let api_request =
         match router::route(&request.method, &request.target, &request.body, request.fds) {
             Ok(r) => r,
-            Err(response) => return response,
+            Err(response) => return (response, None),
         };
     let endpoint = api_request.endpoint();
     let (reply, answer) = channel();
     let call = ApiCall {
         request: api_request,
-        reply,
+        reply: ApiReplier(reply),
     };
     if shared.calls.send(call).is_err() {
-        return ApiResponse::message(503, "the VMM is no longer accepting requests");
+        let response = ApiResponse::message(503, "the VMM is no longer accepting requests");
+        return (response, None);
     }
     if let Err(e) = shared.wake.write(1) {
         log::warn!("cannot wake the VMM for {endpoint}: {e}");
     }
     answer.recv().unwrap_or_else(|_| {
-        ApiResponse::message(500, format!("the VMM dropped the {endpoint} request"))
+        let response = ApiResponse::message(500, format!("the VMM dropped the {endpoint} request"));
+        (response, None)
     })
 }
 

@@ -16,6 +16,8 @@ use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
+/// Set by the fake VMM's work after a vm.resume reply.
+static RESUMED: AtomicUsize = AtomicUsize::new(0);
 
 struct TestServer {
     dir: PathBuf,
@@ -37,7 +39,7 @@ fn fake_vmm(calls: Receiver<ApiCall>, wake: EventFd) {
         }
         while let Ok(call) = calls.try_recv() {
             if matches!(call.request, ApiRequest::VmmShutdown) {
-                let _ = call.reply.send(ApiResponse::Empty);
+                call.reply.answer(ApiResponse::Empty);
                 // The real VMM exits the process here, once the reply is out.
                 server::wait_for_replies(Duration::from_secs(1));
                 return;
@@ -66,9 +68,18 @@ fn fake_vmm(calls: Receiver<ApiCall>, wake: EventFd) {
                     ApiResponse::Json(json!({ "id": config.id, "fds": fds.len() }))
                 }
                 ApiRequest::VmBoot => ApiResponse::not_available("booting in this fake"),
+                ApiRequest::VmResume => {
+                    // Like the real VMM: the guest may run only once the reply is written.
+                    let after = Box::new(|| {
+                        std::thread::sleep(Duration::from_millis(300));
+                        RESUMED.store(1, Ordering::SeqCst);
+                    });
+                    call.reply.answer_then(ApiResponse::Empty, after);
+                    continue;
+                }
                 _ => ApiResponse::Empty,
             };
-            let _ = call.reply.send(response);
+            call.reply.answer(response);
         }
     }
 }
@@ -188,6 +199,28 @@ fn requests_need_no_content_type() {
     assert_eq!(r.status, 204);
     assert_eq!(r.body, "");
     assert_eq!(r.header("content-length"), None);
+}
+
+#[test]
+fn work_after_a_reply_runs_once_the_reply_is_written() {
+    let s = serve(Limits::default());
+    let mut c = connect(&s);
+    let r = exchange(&mut c, b"PUT /api/v1/vm.resume HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 204);
+    // The work sleeps before it records itself: had it run before the write, the reply would come late.
+    assert_eq!(
+        RESUMED.load(Ordering::SeqCst),
+        0,
+        "the work ran before the reply"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while RESUMED.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the work after the reply never ran"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]

@@ -38,6 +38,9 @@ struct ControlState {
     request: RunRequest,
     /// Threads currently parked because of a pause request.
     parked: usize,
+    /// Counts request changes, so that a deferred release ([`VcpuControl::run_unless_changed`]) never
+    /// undoes a later pause or stop.
+    changes: u64,
 }
 
 /// Pause/resume/stop handshake between the VMM and its vCPU threads. A request is observed when a thread
@@ -54,6 +57,7 @@ impl Default for VcpuControl {
             state: Mutex::new(ControlState {
                 request: RunRequest::Run,
                 parked: 0,
+                changes: 0,
             }),
             changed: Condvar::new(),
         }
@@ -70,7 +74,27 @@ impl VcpuControl {
     }
 
     pub fn set_request(&self, request: RunRequest) {
-        self.lock().request = request;
+        let mut state = self.lock();
+        state.request = request;
+        state.changes += 1;
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// The current request's change count, for [`VcpuControl::run_unless_changed`].
+    pub fn changes(&self) -> u64 {
+        self.lock().changes
+    }
+
+    /// Lets the threads run, unless another request was made since `changes` was read.
+    pub fn run_unless_changed(&self, changes: u64) {
+        let mut state = self.lock();
+        if state.changes != changes {
+            return;
+        }
+        state.request = RunRequest::Run;
+        state.changes += 1;
+        drop(state);
         self.changed.notify_all();
     }
 
@@ -350,4 +374,32 @@ impl Vcpu {
 /// Interrupts a vCPU thread's KVM_RUN.
 pub fn kick(handle: &JoinHandle<()>) {
     let _ = handle.kill(vcpu_kick_signal());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deferred_release_never_undoes_a_later_request() {
+        let control = VcpuControl::default();
+        control.set_request(RunRequest::Pause);
+        let taken = control.changes();
+        // Another caller pauses (or stops) the VM before the deferred release runs.
+        control.set_request(RunRequest::Pause);
+        control.run_unless_changed(taken);
+        assert_eq!(control.request(), RunRequest::Pause);
+        control.set_request(RunRequest::Stop);
+        control.run_unless_changed(taken);
+        assert_eq!(control.request(), RunRequest::Stop);
+        // Nothing in between: the release lets the threads run.
+        control.set_request(RunRequest::Pause);
+        let taken = control.changes();
+        control.run_unless_changed(taken);
+        assert_eq!(control.request(), RunRequest::Run);
+        // And only once: a stale copy after that does nothing either.
+        control.set_request(RunRequest::Pause);
+        control.run_unless_changed(taken);
+        assert_eq!(control.request(), RunRequest::Pause);
+    }
 }

@@ -450,6 +450,14 @@ impl Vm {
         self.shared.control.set_request(RunRequest::Run);
     }
 
+    /// [`Vm::release_vcpus`] for later, from any thread: it does nothing if the VM was paused, stopped
+    /// or resumed since this was taken.
+    pub fn vcpu_release(&self) -> impl FnOnce() + Send + 'static {
+        let control = self.shared.control.clone();
+        let changes = control.changes();
+        move || control.run_unless_changed(changes)
+    }
+
     pub(crate) fn set_clock(&self, mut clock: kvm_bindings::kvm_clock_data) {
         // Only the time value is loaded; the flags describe the reading, not a request.
         clock.flags = 0;

@@ -35,8 +35,8 @@ pub struct Vmm {
     vm: Option<Vm>,
     state: VmState,
     api: Option<(Receiver<ApiCall>, EventFd)>,
-    /// The request just handled resumed the VM: its vCPUs are let run once the reply is on its way
-    /// ([`Vm::resume_deferred`]).
+    /// The request just handled resumed the VM: its vCPUs are let run once the reply is written to the
+    /// client ([`Vm::resume_deferred`], [`api::server::ApiReplier::answer_then`]).
     release_after_reply: bool,
 }
 
@@ -605,11 +605,14 @@ impl Vmm {
         }
         for call in calls {
             let (response, exit) = self.handle(call.request);
-            let _ = call.reply.send(response);
-            if std::mem::take(&mut self.release_after_reply) {
-                if let Some(vm) = &self.vm {
-                    vm.release_vcpus();
-                }
+            let release = std::mem::take(&mut self.release_after_reply)
+                .then(|| self.vm.as_ref().map(Vm::vcpu_release))
+                .flatten();
+            match release {
+                // The guest runs once the reply is on the wire, so it does not compete with the
+                // connection thread writing it.
+                Some(release) => call.reply.answer_then(response, Box::new(release)),
+                None => call.reply.answer(response),
             }
             if exit.is_some() {
                 return exit;
