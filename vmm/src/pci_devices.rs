@@ -1175,16 +1175,30 @@ mod tests {
     use kvm_bindings::{kvm_enable_cap, KVM_CAP_SPLIT_IRQCHIP};
     use vm_memory::GuestAddress;
 
-    fn vm_fd() -> Option<Arc<VmFd>> {
-        let kvm = kvm_ioctls::Kvm::new().ok()?;
-        let vm = kvm.create_vm().ok()?;
+    /// A VM with a split irqchip. These tests need /dev/kvm: without it they fail, never skip.
+    fn vm_fd() -> Arc<VmFd> {
+        let kvm = kvm_ioctls::Kvm::new().unwrap_or_else(|e| {
+            panic!(
+                "these tests need read/write access to /dev/kvm (run as root on a KVM host): {e}"
+            )
+        });
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
         let mut cap = kvm_enable_cap {
             cap: KVM_CAP_SPLIT_IRQCHIP,
             ..Default::default()
         };
         cap.args[0] = 24;
-        vm.enable_cap(&cap).ok()?;
-        Some(Arc::new(vm))
+        vm.enable_cap(&cap).expect("KVM_CAP_SPLIT_IRQCHIP");
+        Arc::new(vm)
+    }
+
+    /// A scratch directory holding a 1 MiB disk image `disk.img`; returns both.
+    fn scratch_disk(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("trenv-pci-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        (dir, disk)
     }
 
     fn read32(bus: &Bus, addr: u64) -> u32 {
@@ -1195,14 +1209,8 @@ mod tests {
 
     #[test]
     fn builds_devices_on_the_buses() {
-        let Some(vm) = vm_fd() else {
-            eprintln!("no usable /dev/kvm: skipped");
-            return;
-        };
-        let dir = std::env::temp_dir().join(format!("trenv-pci-devices-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let disk = dir.join("disk.img");
-        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let vm = vm_fd();
+        let (dir, disk) = scratch_disk("devices");
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let (mut pio, mut mmio) = (Bus::new(), Bus::new());
         let disks = [
@@ -1285,7 +1293,7 @@ mod tests {
         assert!(DiskSpec::try_from(&api_disk).is_err());
 
         // Duplicate ids are refused (a fresh VM: the first one has ioeventfds at these addresses).
-        let vm2 = vm_fd().unwrap();
+        let vm2 = vm_fd();
         let again = PciDevices::new(
             &vm2,
             &mem,
@@ -1301,14 +1309,8 @@ mod tests {
     #[test]
     fn hot_added_devices_are_announced_ejected_and_released() {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let Some(vm) = vm_fd() else {
-            eprintln!("no usable /dev/kvm: skipped");
-            return;
-        };
-        let dir = std::env::temp_dir().join(format!("trenv-pci-hotplug-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let disk = dir.join("disk.img");
-        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let vm = vm_fd();
+        let (dir, disk) = scratch_disk("hotplug");
         let spec = DiskSpec {
             path: disk.clone(),
             ..Default::default()
@@ -1396,14 +1398,8 @@ mod tests {
     #[test]
     fn reserved_placements_hold_slots_and_bars_whatever_the_creation_order() {
         use std::collections::BTreeMap;
-        let Some(vm) = vm_fd() else {
-            eprintln!("no usable /dev/kvm: skipped");
-            return;
-        };
-        let dir = std::env::temp_dir().join(format!("trenv-pci-place-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let disk = dir.join("disk.img");
-        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let vm = vm_fd();
+        let (dir, disk) = scratch_disk("place");
         let spec = DiskSpec {
             path: disk.clone(),
             ..Default::default()
@@ -1482,14 +1478,8 @@ mod tests {
 
     #[test]
     fn guest_bar_moves_carry_ioeventfds_and_survive_state_loads() {
-        let Some(vm) = vm_fd() else {
-            eprintln!("no usable /dev/kvm: skipped");
-            return;
-        };
-        let dir = std::env::temp_dir().join(format!("trenv-pci-barmove-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let disk = dir.join("disk.img");
-        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let vm = vm_fd();
+        let (dir, disk) = scratch_disk("barmove");
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let (mut pio, mut mmio) = (Bus::new(), Bus::new());
         let spec = DiskSpec {

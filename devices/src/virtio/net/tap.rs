@@ -328,13 +328,9 @@ mod tests {
     #[test]
     fn opens_a_tap_and_takes_over_its_fd() {
         let name = format!("trtu{}", std::process::id() % 100_000);
-        let tap = match Tap::open(&name) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("cannot create taps here ({e}): skipped");
-                return;
-            }
-        };
+        // Needs root (CAP_NET_ADMIN) and /dev/net/tun, as CI has: fails rather than skips without them.
+        let tap =
+            Tap::open(&name).unwrap_or_else(|e| panic!("cannot create a tap ({e}): run as root"));
         assert_eq!(tap.name(), name);
         assert!(tap.has_vnet_hdr());
         tap.configure_host(None, None).unwrap();
