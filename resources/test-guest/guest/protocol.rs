@@ -16,6 +16,8 @@ pub const SIGNAL_REG_GENERATION_HI: u64 = 0x28;
 /// "TRSG" read as a little-endian u32.
 /// The guest-idle device: a read of offset 0 blocks (at most ~10 ms) until the VMM has news for the guest.
 pub const IDLE_BASE: u64 = 0xfe00_2000;
+/// Offset of the idle device's long-wait register (up to ~1 s instead of ~10 ms).
+pub const IDLE_LONG_WAIT: u64 = 8;
 /// Where a TrEnv VMM keeps the ACPI VMGenID buffer (the DSDT's `\_SB_.VGEN.ADDR` names it; the test guest
 /// does not evaluate AML, so it uses the documented address).
 pub const VMGENID_ADDR: u64 = 0xf_f000;

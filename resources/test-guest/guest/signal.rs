@@ -78,3 +78,14 @@ pub fn idle() {
     // on guest state.
     unsafe { (IDLE_BASE as *const u32).read_volatile() };
 }
+
+/// Like [`idle`], but waits up to ~1 s: for loops that wait only for news the VMM wakes the guest for (a
+/// new generation, a device interrupt), not for time to pass, so that an idle guest rarely exits.
+pub fn idle_long() {
+    if !PRESENT.get() {
+        idle();
+        return;
+    }
+    // SAFETY: the long-wait register of the same device; as above.
+    unsafe { ((IDLE_BASE + IDLE_LONG_WAIT) as *const u32).read_volatile() };
+}

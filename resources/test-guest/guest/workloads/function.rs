@@ -444,8 +444,13 @@ fn serve(link: &mut Link, heap: &Heap, port: u32, generation: &mut u128) -> Resu
                 return Ok(());
             }
         }
-        // Waits in the idle device (up to ~10 ms; a packet ends the wait) between polls.
-        signal::idle();
+        // Waits in the idle device between polls: a packet or a restore ends the wait, so the long wait
+        // serves, unless a missing reset is being timed.
+        if missing_since.is_some() {
+            signal::idle();
+        } else {
+            signal::idle_long();
+        }
     }
 }
 

@@ -54,7 +54,8 @@ pub fn run(ctx: &Context<'_>, params: Tokens<'_>) -> Result<u64, u64> {
     loop {
         let now = signal::generation();
         if now == generation {
-            signal::idle();
+            // Only a restore (which wakes the idle device) changes the generation.
+            signal::idle_long();
             continue;
         }
         generation = now;
