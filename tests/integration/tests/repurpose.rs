@@ -141,3 +141,54 @@ fn repurposed_vm_runs_the_new_template_and_keeps_nothing_of_the_old_tenant() {
     vmm.wait_exit(TIMEOUT).expect("VMM did not exit");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// VMs restored with anonymous memory (`copy`) or userfaultfd-served memory (`ondemand`) are repurposed in
+/// place too: their old pages are moved out of guest RAM and freed, the new template's pages mapped
+/// there, and each repurpose may itself ask for a mode.
+#[test]
+fn vms_restored_with_copy_or_ondemand_memory_are_repurposed_in_place() {
+    require_kvm();
+    let dir = std::env::temp_dir().join(format!("trenv-repurpose-modes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = make_serve_template(TRENV, &dir, "a", 44, "128M");
+    let b = make_serve_template(TRENV, &dir, "b", 55, "128M");
+    for mode in ["copy", "ondemand"] {
+        let socket = dir.join(format!("{mode}.sock"));
+        let restore = format!(
+            "source_url=file://{},memory_restore_mode={mode},resume=on",
+            a.dir.display()
+        );
+        let mut vmm = VmmProcess::spawn(
+            TRENV,
+            &[
+                "--api-socket",
+                socket.to_str().unwrap(),
+                "--restore",
+                &restore,
+                "--serial",
+                "tty",
+            ],
+        );
+        check_tenant(&wait_restored(&vmm, 1), &a);
+        let client = ApiClient::new(&socket);
+        client.wait_until_ready(TIMEOUT).unwrap();
+        // Into a cow mapping, then into anonymous memory filled from the image, then back.
+        for (n, template, repurpose_mode) in [(2, &b, "cow"), (3, &a, "copy"), (4, &b, "cow")] {
+            let body = serde_json::json!({
+                "template": format!("file://{}", template.dir.display()),
+                "memory_restore_mode": repurpose_mode,
+                "resume": true,
+            });
+            let (status, reply) = client
+                .request("PUT", "vm.repurpose", Some(&body.to_string()), &[])
+                .unwrap();
+            assert_eq!(status, 200, "{mode} -> {repurpose_mode}: {reply}");
+            assert!(reply.contains("\"in_place\":true"), "{reply}");
+            check_tenant(&wait_restored(&vmm, n), template);
+        }
+        let _ = client.request("PUT", "vmm.shutdown", None, &[]);
+        vmm.wait_exit(TIMEOUT).expect("VMM did not exit");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
