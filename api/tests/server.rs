@@ -18,6 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// Set by the fake VMM's work after a vm.resume reply.
 static RESUMED: AtomicUsize = AtomicUsize::new(0);
+/// Set by the test once it has the vm.resume reply: the work waits for it.
+static RESUME_ALLOWED: AtomicUsize = AtomicUsize::new(0);
 
 struct TestServer {
     dir: PathBuf,
@@ -69,9 +71,16 @@ fn fake_vmm(calls: Receiver<ApiCall>, wake: EventFd) {
                 }
                 ApiRequest::VmBoot => ApiResponse::not_available("booting in this fake"),
                 ApiRequest::VmResume => {
-                    // Like the real VMM: the guest may run only once the reply is written.
+                    // Like the real VMM: the guest may run only once the reply is written. The work
+                    // holds on until the test has seen the reply, so a reply written after the work
+                    // would never arrive.
                     let after = Box::new(|| {
-                        std::thread::sleep(Duration::from_millis(300));
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while RESUME_ALLOWED.load(Ordering::SeqCst) == 0
+                            && Instant::now() < deadline
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
                         RESUMED.store(1, Ordering::SeqCst);
                     });
                     call.reply.answer_then(ApiResponse::Empty, after);
@@ -205,14 +214,15 @@ fn requests_need_no_content_type() {
 fn work_after_a_reply_runs_once_the_reply_is_written() {
     let s = serve(Limits::default());
     let mut c = connect(&s);
+    // The work waits for this test to see the reply: had it to run before the write, no reply would come.
     let r = exchange(&mut c, b"PUT /api/v1/vm.resume HTTP/1.1\r\n\r\n");
     assert_eq!(r.status, 204);
-    // The work sleeps before it records itself: had it run before the write, the reply would come late.
     assert_eq!(
         RESUMED.load(Ordering::SeqCst),
         0,
         "the work ran before the reply"
     );
+    RESUME_ALLOWED.store(1, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(5);
     while RESUMED.load(Ordering::SeqCst) == 0 {
         assert!(
