@@ -353,14 +353,34 @@ mod tests {
     #[test]
     fn copy_equals_image_and_skips_holes() {
         let (file, expect) = image("copy");
-        // SAFETY: fresh mapping, unmapped below.
-        let p = unsafe { map_copy(&file, LEN, None) }.unwrap();
+        // Inside an inaccessible reservation one page larger on each side: an anonymous mapping of
+        // another test placed next to it would otherwise merge with it, and smaps would count both.
+        let guarded = LEN + 2 * 4096;
+        // SAFETY: a fresh reservation, unmapped below.
+        let reserve = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                guarded,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(reserve, libc::MAP_FAILED);
+        let inside = (reserve as *mut u8).wrapping_add(4096);
+        // SAFETY: replaces the middle of our own reservation.
+        let p = unsafe { map_copy(&file, LEN, Some(inside)) }.unwrap();
         assert_eq!(slice(p, LEN), &expect[..]);
         let usage = mapping_memory(std::process::id(), p as u64, LEN as u64).unwrap();
         // Comparing read the holes, which maps the shared zero page, not private memory.
-        assert!(usage.private_dirty <= (LEN / 3 + 4096) as u64 * 2);
-        // SAFETY: created above.
-        unsafe { libc::munmap(p as *mut libc::c_void, LEN) };
+        assert!(
+            usage.private_dirty <= (LEN / 3 + 4096) as u64 * 2,
+            "private_dirty {}",
+            usage.private_dirty
+        );
+        // SAFETY: the reservation and the mapping inside it, created above.
+        unsafe { libc::munmap(reserve, guarded) };
     }
 
     #[test]
