@@ -18,9 +18,7 @@ pub use configuration::{BarMove, PciBarInfo, PciConfiguration, PciHeader};
 pub use hotplug::PciHotplug;
 pub use msi::{GsiRoutingBackend, InterruptRouter, IoapicRouteSender, RouterError};
 pub use msix::{MsixConfig, MsixState, MsixTableEntry};
-pub use root::{
-    PciBarBusDevice, PciBarWindow, PciConfigIo, PciConfigMmio, PciRoot, SharedPciDevice,
-};
+pub use root::{PciBarWindow, PciConfigIo, PciConfigMmio, PciRoot, SharedPciDevice};
 
 /// Bus/device/function of a device on segment 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

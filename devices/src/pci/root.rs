@@ -499,27 +499,6 @@ fn lock_window(window: &Mutex<PciBarWindow>) -> std::sync::MutexGuard<'_, PciBar
     window.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Puts one BAR of a PCI device on the MMIO bus: bus offsets are BAR offsets.
-pub struct PciBarBusDevice {
-    device: SharedPciDevice,
-    bar: usize,
-}
-
-impl PciBarBusDevice {
-    pub fn new(device: SharedPciDevice, bar: usize) -> Self {
-        Self { device, bar }
-    }
-}
-
-impl BusDevice for PciBarBusDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        lock(&self.device).bar_read(self.bar, offset, data);
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        lock(&self.device).bar_write(self.bar, offset, data);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,20 +660,6 @@ mod tests {
         io.write(4, &7u32.to_le_bytes());
         io.read(4, &mut d);
         assert_eq!(u32::from_le_bytes(d), 7);
-    }
-
-    #[test]
-    fn bar_bus_device_forwards_offsets() {
-        let (_, dummy) = root_with_dummy();
-        let mut bar = PciBarBusDevice::new(dummy.clone(), 0);
-        bar.write(0x10, &[1, 2]);
-        assert_eq!(
-            dummy.lock().unwrap().last_bar_write,
-            Some((0, 0x10, vec![1, 2]))
-        );
-        let mut d = [0xaa; 4];
-        bar.read(3, &mut d);
-        assert_eq!(d, [3; 4]);
     }
 
     #[test]
