@@ -1049,12 +1049,9 @@ impl PciDevices {
             let before = pending.len();
             let mut still = Vec::new();
             for (e, bar) in pending {
-                match self.move_device_bar(e, bar) {
-                    Ok(()) => {}
-                    Err(err) => {
-                        last_error = Some(err);
-                        still.push((e, bar));
-                    }
+                if let Err(err) = self.move_device_bar(e, bar) {
+                    last_error = Some(err);
+                    still.push((e, bar));
                 }
             }
             pending = still;

@@ -34,6 +34,21 @@ fn wait_restored(vmm: &VmmProcess, n: usize) -> String {
     }
 }
 
+/// A VMM serving its API on `socket`, restored with `--restore <restore>`, its console on stdout.
+fn spawn_restored(socket: &std::path::Path, restore: &str) -> VmmProcess {
+    VmmProcess::spawn(
+        TRENV,
+        &[
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "--restore",
+            restore,
+            "--serial",
+            "tty",
+        ],
+    )
+}
+
 /// The tenant runs `template`'s state: its heap, the template's first word (not the previous tenant's
 /// write), and a fresh instance counter.
 fn check_tenant(line: &str, template: &ServeTemplate) {
@@ -60,17 +75,7 @@ fn repurposed_vm_runs_the_new_template_and_keeps_nothing_of_the_old_tenant() {
 
     let socket = dir.join("warm.sock");
     let restore = format!("source_url=file://{},resume=on", a.dir.display());
-    let mut vmm = VmmProcess::spawn(
-        TRENV,
-        &[
-            "--api-socket",
-            socket.to_str().unwrap(),
-            "--restore",
-            &restore,
-            "--serial",
-            "tty",
-        ],
-    );
+    let mut vmm = spawn_restored(&socket, &restore);
     check_tenant(&wait_restored(&vmm, 1), &a);
     let pid = vmm.pid();
     let client = ApiClient::new(&socket);
@@ -159,17 +164,7 @@ fn vms_restored_with_copy_or_ondemand_memory_are_repurposed_in_place() {
             "source_url=file://{},memory_restore_mode={mode},resume=on",
             a.dir.display()
         );
-        let mut vmm = VmmProcess::spawn(
-            TRENV,
-            &[
-                "--api-socket",
-                socket.to_str().unwrap(),
-                "--restore",
-                &restore,
-                "--serial",
-                "tty",
-            ],
-        );
+        let mut vmm = spawn_restored(&socket, &restore);
         check_tenant(&wait_restored(&vmm, 1), &a);
         let client = ApiClient::new(&socket);
         client.wait_until_ready(TIMEOUT).unwrap();
