@@ -90,7 +90,26 @@ fn process_running(pid: u32) -> bool {
     let state = stat
         .rfind(')')
         .and_then(|i| stat[i + 1..].split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | Some("x") | None)
+    match state {
+        // A dead main thread shows as a zombie while other threads are still exiting, and until the last
+        // of them is gone the process keeps its descriptors (a template's lease among them).
+        Some("Z") | Some("X") | Some("x") => other_threads_alive(pid),
+        None => false,
+        Some(_) => true,
+    }
+}
+
+/// Whether threads besides the (dead) main one are still in the thread group of `pid`.
+fn other_threads_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        })
+        .is_some_and(|threads| threads > 1)
 }
 
 pub fn is_our_vmm(pid: u32, api_socket: &Path) -> bool {
